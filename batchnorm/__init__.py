@@ -1,0 +1,1 @@
+"""Batch normalization (Ioffe & Szegedy, 2015): reference, PyTorch modules and kernels."""
