@@ -1,0 +1,196 @@
+"""Drop-in batch-norm modules: torch's hierarchy, names, state_dict layout and semantics.
+
+``_NormBase`` holds the state (parameters, buffers, checkpoint loading), ``_BatchNorm`` decides
+which statistics a forward uses and calls ``batchnorm.functional.batch_norm``, and
+``BatchNorm1d/2d/3d`` only say which input ranks they take.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm import functional as F
+
+
+class _NormBase(nn.Module):
+    """Parameters and running statistics shared by the batch-norm modules."""
+
+    _version = 2  # version 2 added num_batches_tracked, as in torch
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or isinstance(num_features, bool) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches tracked."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, and the weight to 1 and bias to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # Checkpoints from before num_batches_tracked existed: start the count at 0.
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class _BatchNorm(_NormBase):
+    """Chooses the statistics of a forward the way torch does, then normalizes."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_channels(input)
+        # Batch statistics in training, and in inference when there are no running ones.
+        use_batch_stats = self.training or (self.running_mean is None
+                                            and self.running_var is None)
+        # Running statistics are read in inference and updated in training when tracked.
+        keep = not self.training or self.track_running_stats
+        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
+        return F.batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            num_batches_tracked=counter,
+        )
+
+    def _check_channels(self, input: Tensor) -> None:
+        if input.dim() >= 2 and input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expected input with "
+                f"{self.num_features} channels at dim 1, got {input.shape[1]} (input shape "
+                f"{tuple(input.shape)}); construct it with num_features={input.shape[1]} or fix "
+                "the layer before it")
+
+
+_DOC = r"""Batch normalization over a {rank_words} input (Ioffe & Szegedy, 2015), as ``torch.nn.{name}``.
+
+    Each of the ``C`` channels is normalized over {over}, then scaled and shifted:
+
+    .. math::
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \cdot \gamma
+            + \beta
+
+    In training, ``E[x]`` and ``Var[x]`` are the batch's mean and biased variance (Algorithm 1)
+    and the running estimates move towards the batch's mean and unbiased variance; in
+    ``eval()`` the running estimates are used (Algorithm 2), or the batch's statistics when
+    ``track_running_stats=False``. A batch whose statistics are not finite leaves the running
+    estimates and ``num_batches_tracked`` unchanged. Parameters, buffers and state_dict keys
+    are torch's, so checkpoints load both ways.
+
+    Args:
+        num_features: ``C``, the number of channels (dim 1 of the input).
+        eps: added to the variance for numerical stability. Default: ``1e-5``.
+        momentum: weight of the new batch in the running estimates, or ``None`` for the
+            cumulative average. Default: ``0.1``.
+        affine: learn a per-channel scale ``weight`` and shift ``bias``. Default: ``True``.
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked``. Default: ``True``.
+        device: device of the parameters and buffers. Default: ``None``.
+        dtype: dtype of the parameters and buffers. Default: ``None``.
+
+    Shape:
+        - Input: {shape}
+        - Output: the same shape, dtype and memory layout.
+
+    Examples::
+
+        >>> import torch
+        >>> from batchnorm import {name}
+        >>> bn = {name}(3)
+        >>> y = bn(torch.randn({example}))
+        >>> tuple(y.shape), int(bn.num_batches_tracked)
+        (({example_tuple}), 1)
+    """
+
+
+class BatchNorm1d(_BatchNorm):
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input); "
+                             "BatchNorm1d takes (N, C) or (N, C, L)")
+
+
+class BatchNorm2d(_BatchNorm):
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input); "
+                             "BatchNorm2d takes (N, C, H, W)")
+
+
+class BatchNorm3d(_BatchNorm):
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input); "
+                             "BatchNorm3d takes (N, C, D, H, W)")
+
+
+def _fill_doc(cls: type, rank_words: str, over: str, shape: str, example: str) -> None:
+    cls.__doc__ = _DOC.format(name=cls.__name__, rank_words=rank_words, over=over, shape=shape,
+                              example=example, example_tuple=example)
+
+
+_fill_doc(BatchNorm1d, "2D or 3D", "the batch (and the length ``L``, if any)",
+          "``(N, C)`` or ``(N, C, L)``", "4, 3, 7")
+_fill_doc(BatchNorm2d, "4D", "the batch and all ``H * W`` positions (``m' = m p q``)",
+          "``(N, C, H, W)``", "4, 3, 5, 5")
+_fill_doc(BatchNorm3d, "5D", "the batch and all ``D * H * W`` positions",
+          "``(N, C, D, H, W)``", "2, 3, 2, 4, 4")
