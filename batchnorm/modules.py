@@ -28,6 +28,8 @@ class _NormBase(nn.Module):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(num_features, int) or isinstance(num_features, bool) \
@@ -41,7 +43,10 @@ class _NormBase(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -68,14 +73,16 @@ class _NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
-                "track_running_stats={track_running_stats}".format(**self.__dict__))
+                "bias={has_bias}, track_running_stats={track_running_stats}"
+                .format(**self.__dict__, has_bias=self.bias is not None))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -121,7 +128,7 @@ class _BatchNorm(_NormBase):
                 "the layer before it")
 
 
-_DOC = r"""Batch normalization over a {rank_words} input (Ioffe & Szegedy, 2015), as ``torch.nn.{name}``.
+_DOC = r"""Batch normalization over a {rank_words} input, as ``torch.nn.{name}`` (Ioffe & Szegedy 2015).
 
     Each of the ``C`` channels is normalized over {over}, then scaled and shifted:
 
@@ -146,6 +153,7 @@ _DOC = r"""Batch normalization over a {rank_words} input (Ioffe & Szegedy, 2015)
             ``num_batches_tracked``. Default: ``True``.
         device: device of the parameters and buffers. Default: ``None``.
         dtype: dtype of the parameters and buffers. Default: ``None``.
+        bias: with ``affine``, learn the shift ``bias`` too (keyword only). Default: ``True``.
 
     Shape:
         - Input: {shape}

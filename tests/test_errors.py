@@ -1,0 +1,102 @@
+"""Every promised error: its type, its message, and that no buffer changed."""
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.functional import batch_norm
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _unchanged(module, snapshot):
+    return all(torch.equal(module.state_dict()[k], v) for k, v in snapshot.items())
+
+
+MODULE_CASES = [
+    # (name, module factory, input factory, error type, message fragment)
+    ("2d-given-3d", lambda: batchnorm.BatchNorm2d(3), lambda: torch.randn(2, 3, 4),
+     ValueError, r"expected 4D input \(got 3D input\)"),
+    ("1d-given-4d", lambda: batchnorm.BatchNorm1d(3), lambda: torch.randn(2, 3, 4, 4),
+     ValueError, r"expected 2D or 3D input \(got 4D input\)"),
+    ("3d-given-4d", lambda: batchnorm.BatchNorm3d(3), lambda: torch.randn(2, 3, 4, 4),
+     ValueError, r"expected 5D input \(got 4D input\)"),
+    ("channels", lambda: batchnorm.BatchNorm2d(16), lambda: torch.randn(2, 8, 3, 3),
+     ValueError, r"expected input with 16 channels at dim 1, got 8"),
+    ("one-value-per-channel", lambda: batchnorm.BatchNorm1d(3), lambda: torch.randn(1, 3),
+     ValueError, r"Expected more than 1 value per channel when training, got input size"),
+    ("one-value-2d", lambda: batchnorm.BatchNorm2d(3), lambda: torch.randn(1, 3, 1, 1),
+     ValueError, r"Expected more than 1 value per channel when training"),
+    ("double-params-float-input", lambda: batchnorm.BatchNorm1d(3).double(),
+     lambda: torch.randn(4, 3), TypeError, r"weight has dtype torch.float64 but the input is "
+                                           r"torch.float32; convert"),
+    ("integer-input", lambda: batchnorm.BatchNorm1d(3), lambda: torch.ones(4, 3, dtype=torch.long),
+     TypeError, r"expected a floating-point input, got torch.int64"),
+    ("half-params-float-input", lambda: batchnorm.BatchNorm1d(3).half(),
+     lambda: torch.randn(4, 3), TypeError, r"weight has dtype torch.float16"),
+    ("meta-device-params", lambda: batchnorm.BatchNorm1d(3, device="meta"),
+     lambda: torch.randn(4, 3), ValueError,
+     r"is on meta but the input is on cpu; move them to one device"),
+]
+
+
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: c[0])
+def test_module_errors_name_the_problem_and_change_nothing(case):
+    _, make_module, make_input, error, message = case
+    module = make_module()
+    before = _snapshot(module) if "meta" not in case[0] else None
+    with pytest.raises(error, match=message):
+        module(make_input())
+    if before is not None:
+        assert _unchanged(module, before)
+
+
+def test_eval_without_running_statistics():
+    with pytest.raises(ValueError, match="running_mean and running_var are needed when "
+                                         "training=False"):
+        batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+FUNCTIONAL_CASES = [
+    ("rank-1", dict(input=torch.randn(5)), ValueError, r"at least 2 dimensions"),
+    ("not-a-tensor", dict(input=[[1.0, 2.0]]), TypeError, r"input must be a torch.Tensor"),
+    ("only-mean", dict(running_var=None), ValueError, r"pass both running_mean and running_var"),
+    ("stats-shape", dict(running_mean=torch.zeros(4), running_var=torch.ones(4)), ValueError,
+     r"running_mean has shape \(4,\) but the input has 3 channels"),
+    ("weight-shape", dict(weight=torch.ones(2)), ValueError, r"weight has shape \(2,\)"),
+    ("activation", dict(activation="gelu"), ValueError, r"activation must be one of"),
+    ("residual-shape", dict(residual=torch.randn(4, 3, 2)), ValueError,
+     r"residual must match the input"),
+    ("momentum-range", dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
+    ("momentum-none-no-counter", dict(momentum=None), ValueError,
+     r"momentum=None \(cumulative average\) needs num_batches_tracked"),
+    ("eps", dict(eps=-1.0), ValueError, r"eps must be >= 0"),
+    ("counter-float", dict(num_batches_tracked=torch.tensor(0.0)), TypeError,
+     r"num_batches_tracked must be a 0-dim integer tensor"),
+    ("backend", dict(backend="cuda"), ValueError, r"unknown batch-norm backend 'cuda'"),
+]
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=lambda c: c[0])
+def test_functional_errors_leave_running_stats_untouched(case):
+    _, overrides, error, message = case
+    mean, var = torch.randn(3), torch.rand(3) + 0.5
+    before = (mean.clone(), var.clone())
+    kwargs = dict(input=torch.randn(4, 3, 5), running_mean=mean, running_var=var, training=True)
+    kwargs.update(overrides)
+    with pytest.raises(error, match=message):
+        batch_norm(**kwargs)
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
+
+
+def test_unsupported_forced_backend_is_an_error_not_a_fallback():
+    with pytest.raises(ValueError, match="backend 'numba' cannot run torch.float16 input"):
+        batch_norm(torch.randn(4, 3, dtype=torch.float16), None, None, training=True,
+                   backend="numba")
+
+
+def test_num_features_must_be_positive():
+    with pytest.raises(ValueError, match="num_features must be a positive int, got 0"):
+        batchnorm.BatchNorm2d(0)

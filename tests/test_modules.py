@@ -1,0 +1,192 @@
+"""BatchNorm1d/2d/3d against torch.nn over a named table of cases, step by step."""
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from tolerances import assert_close
+
+import batchnorm
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    cls: str
+    shape: tuple
+    affine: bool = True
+    track: bool = True
+    momentum: float | None = 0.1
+    dtype: torch.dtype = torch.float64
+    channels_last: bool = False
+    bias: bool = True
+
+
+CASES = [
+    Case("1d-dense", "BatchNorm1d", (6, 3)),
+    Case("1d-seq", "BatchNorm1d", (4, 3, 7)),
+    Case("2d", "BatchNorm2d", (2, 3, 5, 4)),
+    Case("3d", "BatchNorm3d", (2, 3, 2, 3, 4)),
+    Case("2d-no-affine", "BatchNorm2d", (3, 3, 4, 4), affine=False),
+    Case("2d-no-track", "BatchNorm2d", (3, 3, 4, 4), track=False),
+    Case("1d-no-affine-no-track", "BatchNorm1d", (5, 4, 3), affine=False, track=False),
+    Case("2d-momentum-0.3", "BatchNorm2d", (2, 3, 5, 5), momentum=0.3),
+    Case("2d-cumulative", "BatchNorm2d", (2, 3, 5, 5), momentum=None),
+    Case("3d-cumulative", "BatchNorm3d", (2, 2, 3, 2, 3), momentum=None),
+    Case("1d-float32", "BatchNorm1d", (16, 5), dtype=torch.float32),
+    Case("2d-float32", "BatchNorm2d", (4, 3, 6, 6), dtype=torch.float32),
+    Case("2d-channels-last", "BatchNorm2d", (2, 3, 5, 4), channels_last=True),
+    Case("2d-f32-channels-last", "BatchNorm2d", (4, 5, 3, 3), dtype=torch.float32,
+         channels_last=True),
+    Case("3d-channels-last", "BatchNorm3d", (2, 3, 2, 3, 2), channels_last=True),
+    Case("2d-weight-no-bias", "BatchNorm2d", (2, 3, 4, 3), bias=False),
+]
+
+
+def _input(case: Case, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.shape, generator=g, dtype=torch.float64) * 2.5 + 0.7
+    x = x.to(case.dtype)
+    if case.channels_last:
+        fmt = torch.channels_last if len(case.shape) == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    return x.requires_grad_()
+
+
+def _pair(case: Case):
+    kwargs = dict(eps=1e-5, momentum=case.momentum, affine=case.affine,
+                  track_running_stats=case.track, dtype=case.dtype)
+    if not case.bias:
+        kwargs["bias"] = False
+    ours = getattr(batchnorm, case.cls)(case.shape[1], **kwargs)
+    theirs = getattr(torch.nn, case.cls)(case.shape[1], **kwargs)
+    if case.affine:  # non-trivial parameters: ones and zeros can hide a wrong backward
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            theirs.weight.copy_(torch.rand(case.shape[1], generator=g) + 0.5)
+            if case.bias:
+                theirs.bias.copy_(torch.randn(case.shape[1], generator=g))
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _step(ours, theirs, case, seed):
+    x = _input(case, seed)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), theirs(x_ref)
+    assert_close(y, y_ref, msg="output")
+    assert y.stride() == y_ref.stride(), "memory layout"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert_close(x.grad, x_ref.grad, msg="input gradient")
+    assert x.grad.stride() == x_ref.grad.stride()
+    if case.affine:
+        assert_close(ours.weight.grad, theirs.weight.grad, msg="weight gradient")
+        if case.bias:
+            assert_close(ours.bias.grad, theirs.bias.grad, msg="bias gradient")
+    for name in ("running_mean", "running_var"):
+        if case.track:
+            assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+        else:
+            assert getattr(ours, name) is None
+    if case.track:
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_matches_torch_nn_over_training_and_eval(case):
+    ours, theirs = _pair(case)
+    for seed in range(3):
+        _step(ours, theirs, case, seed)
+    ours.eval()
+    theirs.eval()
+    _step(ours, theirs, case, seed=10)
+    ours.zero_grad()
+    theirs.zero_grad()
+    with torch.no_grad():
+        assert_close(ours(_input(case, 11)), theirs(_input(case, 11)))
+
+
+@pytest.mark.parametrize("case", CASES[:10], ids=lambda c: c.name)
+def test_state_dict_round_trip_with_torch(case):
+    ours, theirs = _pair(case)
+    for seed in range(2):
+        ours(_input(case, seed))
+    state = ours.state_dict()
+    assert list(state) == list(theirs.state_dict())
+    fresh_torch = getattr(torch.nn, case.cls)(case.shape[1], momentum=case.momentum,
+                                              affine=case.affine, dtype=case.dtype,
+                                              track_running_stats=case.track)
+    fresh_torch.load_state_dict(state)
+    back = getattr(batchnorm, case.cls)(case.shape[1], momentum=case.momentum,
+                                        affine=case.affine, dtype=case.dtype,
+                                        track_running_stats=case.track)
+    back.load_state_dict(fresh_torch.state_dict())
+    for key, value in state.items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads():
+    theirs = torch.nn.BatchNorm2d(3)
+    theirs.running_mean.fill_(0.25)
+    state = theirs.state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1  # saved before num_batches_tracked existed
+    ours = batchnorm.BatchNorm2d(3)
+    ours.num_batches_tracked.fill_(7)
+    ours.load_state_dict(state)
+    assert int(ours.num_batches_tracked) == 0
+    assert torch.all(ours.running_mean == 0.25)
+
+
+def test_reset_running_stats_and_parameters():
+    bn = batchnorm.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.weight.fill_(3.0)
+    bn(torch.randn(8, 4) * 5 + 2)
+    bn.reset_running_stats()
+    assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)
+    assert int(bn.num_batches_tracked) == 0
+    assert torch.all(bn.weight == 3.0)
+    bn.reset_parameters()
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_repr_and_one_docstring_template():
+    assert repr(batchnorm.BatchNorm2d(5, momentum=None)) == (
+        "BatchNorm2d(5, eps=1e-05, momentum=None, affine=True, bias=True, "
+        "track_running_stats=True)")
+    docs = [getattr(batchnorm, f"BatchNorm{k}d").__doc__ for k in (1, 2, 3)]
+    assert all("Args:" in d and "Shape:" in d and ">>>" in d for d in docs)
+    assert "4D" in docs[1] and "5D" in docs[2]
+
+
+def test_convert_keeps_tensors_mode_and_outputs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5),
+                            torch.nn.BatchNorm1d(5, momentum=None)),
+        torch.nn.Unflatten(1, (5, 1, 1, 1)), torch.nn.BatchNorm3d(5, affine=False),
+    ).double()
+    model[3][2].eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    weight = model[1].weight
+    converted = batchnorm.convert(model)
+    assert converted is model
+    assert type(model[1]) is batchnorm.BatchNorm2d and model[1].weight is weight
+    assert type(model[3][2]) is batchnorm.BatchNorm1d and not model[3][2].training
+    assert type(model[5]) is batchnorm.BatchNorm3d and model[5].weight is None
+    assert model[3][2].momentum is None
+    assert_close(model(x), reference(x))
+    assert_close(model[1].running_var, reference[1].running_var)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_convert_a_single_layer_returns_the_replacement():
+    layer = torch.nn.BatchNorm1d(3, track_running_stats=False)
+    new = batchnorm.convert(layer)
+    assert type(new) is batchnorm.BatchNorm1d and new.running_mean is None
