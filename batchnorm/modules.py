@@ -128,9 +128,10 @@ class _BatchNorm(_NormBase):
                 "the layer before it")
 
 
-_DOC = r"""Batch normalization over a {rank_words} input, as ``torch.nn.{name}`` (Ioffe & Szegedy 2015).
+_DOC = r"""Batch normalization over a {rank_words} input, as ``torch.nn.{name}``.
 
-    Each of the ``C`` channels is normalized over {over}, then scaled and shifted:
+    Ioffe & Szegedy (2015): each of the ``C`` channels is normalized over {over}, then scaled
+    and shifted:
 
     .. math::
         y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \cdot \gamma
