@@ -1,11 +1,11 @@
-"""The batch-norm custom ops: one registration, several backends.
+"""Batch norm's autograd functions and custom ops: one implementation, several backends.
 
-``batchnorm::forward_train``, ``batchnorm::forward_eval`` and ``batchnorm::backward`` are
-``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` traces them as single nodes;
-``batchnorm::update_running_stats`` is the one op that mutates (the running statistics).
-Autograd is registered on the two forward ops with the closed-form backward of ``_eager``;
-under ``create_graph=True`` the same closed form runs as differentiable torch ops on statistics
-recomputed from the input, which is what double backward needs.
+``BatchNormTrain`` and ``BatchNormEval`` are ``torch.autograd.Function`` s with the closed-form
+backward of ``_eager``; under ``create_graph=True`` the same closed form runs as differentiable
+torch ops on statistics recomputed from the input, which is what double backward needs.
+Their bodies are registered as ``torch.library`` custom ops (``batchnorm::forward_train``,
+``forward_eval``, ``backward``, and ``update_running_stats``, the one that mutates), so
+``torch.compile(fullgraph=True)`` traces each as a single node with known output shapes.
 
 Each op takes the name of its backend, resolved by ``resolve_backend`` at call time, and hands
 the canonical ``(N, C, L)`` view of its tensors to that backend's module.
@@ -95,10 +95,12 @@ def _none() -> Tensor:
     return torch.empty(0)
 
 
-# --- training forward -------------------------------------------------------------------------
+# --- the op bodies -----------------------------------------------------------------------------
+# Plain functions, registered as custom ops below. Eager calls run them directly (the custom-op
+# dispatcher costs tens of microseconds a call, as much as a small batch norm itself); under
+# torch.compile the same functions run as the registered ops, so the graph holds one node each.
 
-@torch.library.custom_op("batchnorm::forward_train", mutates_args=())
-def forward_train(
+def _forward_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
     eps: float, relu: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -109,27 +111,7 @@ def forward_train(
     return from_ncl(y3, x), mean, rstd, var
 
 
-@forward_train.register_fake
-def _(x, weight, bias, residual, eps, relu, backend):
-    return torch.empty_like(x), _stat(x), _stat(x), _stat(x)
-
-
-def _setup_train(ctx, inputs, output):
-    x, weight, bias, residual, eps, relu, backend = inputs
-    y, mean, rstd, _ = output
-    ctx.save_for_backward(x, weight, mean, rstd, y if relu else None)
-    ctx.training, ctx.eps, ctx.backend = True, eps, backend
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward_train(ctx, dy, _dmean, _drstd, _dvar):
-    return _backward(ctx, dy) + (None, None, None)
-
-
-# --- inference forward ------------------------------------------------------------------------
-
-@torch.library.custom_op("batchnorm::forward_eval", mutates_args=())
-def forward_eval(
+def _forward_eval(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
     running_var: Tensor, residual: Tensor | None, eps: float, relu: bool, backend: str,
 ) -> Tensor:
@@ -140,32 +122,7 @@ def forward_eval(
     return from_ncl(y3, x)
 
 
-@forward_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, residual, eps, relu, backend):
-    return torch.empty_like(x)
-
-
-def _setup_eval(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, residual, eps, relu, backend = inputs
-    acc = torch.promote_types(_eager.acc_dtype(x.dtype), running_mean.dtype)
-    # The statistics are constants of this call: copies, so that a later training step that
-    # updates the running estimates in place cannot change this call's gradient.
-    mean = running_mean.detach().to(acc, copy=True)
-    rstd = torch.rsqrt(running_var.detach().to(acc) + eps)
-    ctx.save_for_backward(x, weight, mean, rstd, output if relu else None)
-    ctx.training, ctx.eps, ctx.backend = False, eps, backend
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward_eval(ctx, dy):
-    dx, dweight, dbias, dres = _backward(ctx, dy)
-    return dx, dweight, dbias, None, None, dres, None, None, None
-
-
-# --- backward ---------------------------------------------------------------------------------
-
-@torch.library.custom_op("batchnorm::backward", mutates_args=())
-def backward(
+def _backward(
     dy: Tensor, x: Tensor, y: Tensor | None, mean: Tensor, rstd: Tensor, weight: Tensor | None,
     training: bool, need_dx: bool, need_dres: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -178,15 +135,105 @@ def backward(
     return dx, dweight, dbias, dres
 
 
-@backward.register_fake
+def _update_running_stats(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    mean: Tensor, var: Tensor, m: int, momentum: float | None, backend: str,
+) -> None:
+    """Fold a batch's statistics into the running estimates (see ``_eager``)."""
+    module = backend_module(backend)
+    update = getattr(module, "update_running_stats", _eager.update_running_stats)
+    update(running_mean, running_var, num_batches_tracked, mean, var, m, momentum)
+
+
+torch.library.custom_op("batchnorm::forward_train", _forward_train, mutates_args=())
+torch.library.custom_op("batchnorm::forward_eval", _forward_eval, mutates_args=())
+torch.library.custom_op("batchnorm::backward", _backward, mutates_args=())
+torch.library.custom_op("batchnorm::update_running_stats", _update_running_stats,
+                        mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+
+
+@torch.library.register_fake("batchnorm::forward_train")
+def _(x, weight, bias, residual, eps, relu, backend):
+    return torch.empty_like(x), _stat(x), _stat(x), _stat(x)
+
+
+@torch.library.register_fake("batchnorm::forward_eval")
+def _(x, weight, bias, running_mean, running_var, residual, eps, relu, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("batchnorm::backward")
 def _(dy, x, y, mean, rstd, weight, training, need_dx, need_dres, backend):
     dx = torch.empty_like(x) if need_dx else _none()
     dres = torch.empty_like(x) if need_dres else _none()
     return dx, torch.empty_like(mean), torch.empty_like(mean), dres
 
 
-def _backward(ctx, dy: Tensor) -> tuple:
-    """Gradients for ``(x, weight, bias, residual)`` from either forward op."""
+@torch.library.register_fake("batchnorm::update_running_stats")
+def _(running_mean, running_var, num_batches_tracked, mean, var, m, momentum, backend):
+    return None
+
+
+def _call(name: str, body):
+    """The registered op while torch.compile traces, the plain function otherwise."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.batchnorm, name)
+    return body
+
+
+def update_running_stats(*args) -> None:
+    _call("update_running_stats", _update_running_stats)(*args)
+
+
+# --- autograd ---------------------------------------------------------------------------------
+
+class BatchNormTrain(torch.autograd.Function):
+    """Training-mode batch norm with the closed-form backward; returns ``(y, mean, var)``.
+
+    ``mean`` and ``var`` (biased) are the batch statistics, not differentiable: they only feed
+    the running estimates.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, relu, backend):
+        y, mean, rstd, var = _call("forward_train", _forward_train)(
+            x, weight, bias, residual, eps, relu, backend)
+        ctx.save_for_backward(x, weight, mean, rstd, y if relu else None)
+        ctx.training, ctx.eps, ctx.backend = True, eps, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        return _gradients(ctx, dy) + (None, None, None)
+
+
+class BatchNormEval(torch.autograd.Function):
+    """Inference-mode batch norm with fixed statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, residual, eps, relu, backend):
+        y = _call("forward_eval", _forward_eval)(
+            x, weight, bias, running_mean, running_var, residual, eps, relu, backend)
+        acc = torch.promote_types(_eager.acc_dtype(x.dtype), running_mean.dtype)
+        # Constants of this call, copied: a later training step updates the running estimates
+        # in place and must not change this call's gradient.
+        mean = running_mean.to(acc, copy=True)
+        rstd = torch.rsqrt(running_var.to(acc) + eps)
+        ctx.save_for_backward(x, weight, mean, rstd, y if relu else None)
+        ctx.training, ctx.eps, ctx.backend = False, eps, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, dweight, dbias, dres = _gradients(ctx, dy)
+        return dx, dweight, dbias, None, None, dres, None, None, None
+
+
+def _gradients(ctx, dy: Tensor) -> tuple:
+    """Gradients for ``(x, weight, bias, residual)`` from either forward."""
     x, weight, mean, rstd, y = ctx.saved_tensors
     needs = ctx.needs_input_grad
     need_dx, need_dw, need_db = needs[0], needs[1], needs[2]
@@ -195,7 +242,7 @@ def _backward(ctx, dy: Tensor) -> tuple:
         dx, dweight, dbias, dres = _differentiable_backward(ctx, dy, x, weight, mean, rstd, y,
                                                             need_dx, need_dres)
     else:
-        dx, dweight, dbias, dres = torch.ops.batchnorm.backward(
+        dx, dweight, dbias, dres = _call("backward", _backward)(
             like_layout(dy, x), x, y, mean, rstd, weight, ctx.training, need_dx, need_dres,
             ctx.backend)
     return (
@@ -225,28 +272,3 @@ def _differentiable_backward(ctx, dy, x, weight, mean, rstd, y, need_dx, need_dr
     return dx, dweight, dbias, dres
 
 
-torch.library.register_autograd(
-    "batchnorm::forward_train", _backward_train, setup_context=_setup_train)
-torch.library.register_autograd(
-    "batchnorm::forward_eval", _backward_eval, setup_context=_setup_eval)
-
-
-# --- running statistics -----------------------------------------------------------------------
-
-@torch.library.custom_op(
-    "batchnorm::update_running_stats",
-    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-)
-def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
-    mean: Tensor, var: Tensor, m: int, momentum: float | None, backend: str,
-) -> None:
-    """Fold a batch's statistics into the running estimates (see ``_eager``)."""
-    module = backend_module(backend)
-    update = getattr(module, "update_running_stats", _eager.update_running_stats)
-    update(running_mean, running_var, num_batches_tracked, mean, var, m, momentum)
-
-
-@update_running_stats.register_fake
-def _(running_mean, running_var, num_batches_tracked, mean, var, m, momentum, backend):
-    return None

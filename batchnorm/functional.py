@@ -93,14 +93,13 @@ def batch_norm(
     relu = activation == "relu"
     name = _ops.resolve_backend(backend, _ops.as_ncl(x), residual, relu)
     if not training:
-        return torch.ops.batchnorm.forward_eval(
+        return _ops.BatchNormEval.apply(
             x, weight, bias, running_mean, running_var, residual, eps, relu, name)
-    y, mean, _, var = torch.ops.batchnorm.forward_train(x, weight, bias, residual, eps, relu, name)
+    y, mean, var = _ops.BatchNormTrain.apply(x, weight, bias, residual, eps, relu, name)
     if running_mean is not None:
         m = x.numel() // x.shape[1]
-        torch.ops.batchnorm.update_running_stats(
-            running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), m,
-            momentum, name)
+        _ops.update_running_stats(
+            running_mean, running_var, num_batches_tracked, mean, var, m, momentum, name)
     return y
 
 
