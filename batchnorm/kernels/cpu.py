@@ -1,0 +1,242 @@
+"""The ``"numba"`` backend: batch normalization on CPU tensors by compiled, fused kernels.
+
+Same functions and signatures as ``batchnorm._eager`` (the specification), on the canonical
+``(N, C, L)`` view. The tensors are handed to the kernels of ``batchnorm.kernels.cpu_kernels``
+as NumPy views of their own memory, read and written in place:
+
+* contiguous ``(N, C, L)`` input is passed as it is (one parallel task per channel);
+* channels-last input (strides ``(L*C, 1, C)``) is passed as its ``(N*L, C)`` rows, a view of
+  the transpose; ``L == 1`` takes this path too, as its rows are contiguous either way.
+
+Outputs come back in the input's layout. numba is optional: this module imports without it
+(``available()`` is then ``False``), numba is imported on the first kernel call, and each kernel
+compiles on its first call for a dtype and layout (cached on disk by numba afterwards).
+float32 and float64 run here; float16/bfloat16, other devices and the fused residual/ReLU
+epilogue are refused by ``supports()`` and stay on the eager path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from batchnorm import _eager
+
+DTYPES = (torch.float32, torch.float64)
+NCL, ROWS = "ncl", "rows"  # the two layouts the kernels read, see the module docstring
+
+
+@functools.cache
+def available() -> bool:
+    """Whether numba can be imported (once per process; this is where numba gets imported).
+
+    >>> isinstance(available(), bool)
+    True
+    """
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layout(x3: Tensor) -> str | None:
+    """``"ncl"``, ``"rows"`` (channels-last), or ``None`` when ``x3`` is in neither layout.
+
+    >>> layout(torch.zeros(2, 3, 4)), layout(torch.zeros(2, 4, 3).transpose(1, 2))
+    ('ncl', 'rows')
+    >>> layout(torch.zeros(2, 3, 8)[:, :, ::2]) is None
+    True
+    """
+    rows = x3.transpose(1, 2).is_contiguous()
+    if rows and (x3.shape[2] == 1 or not x3.is_contiguous()):
+        return ROWS
+    return NCL if x3.is_contiguous() else None
+
+
+def supports(x3: Tensor, residual3: Tensor | None, relu: bool) -> bool:
+    """Whether this backend runs the call: a non-empty float32/float64 CPU tensor in one of the
+    two layouts, without the residual/ReLU epilogue.
+
+    >>> supports(torch.zeros(2, 3, 4), None, False)
+    True
+    >>> supports(torch.zeros(2, 3, 4, dtype=torch.float16), None, False)
+    False
+    """
+    return (
+        x3.device.type == "cpu"
+        and x3.dtype in DTYPES
+        and x3.numel() > 0
+        and residual3 is None
+        and not relu
+        and layout(x3) is not None
+    )
+
+
+def _check(x3: Tensor, residual3: Tensor | None = None, relu: bool = False) -> str:
+    if not supports(x3, residual3, relu):
+        raise ValueError(
+            f"the numba backend cannot run this call: {x3.dtype} input of shape "
+            f"{tuple(x3.shape)} and strides {x3.stride()} on {x3.device} (residual="
+            f"{residual3 is not None}, relu={relu}); it runs non-empty float32/float64 CPU "
+            "tensors, contiguous or channels-last, without residual or ReLU. Check supports() "
+            "first, or use the eager backend")
+    return layout(x3)
+
+
+def _kernels():
+    from batchnorm.kernels import cpu_kernels  # imports numba: only when a kernel first runs
+
+    return cpu_kernels
+
+
+def _array(t3: Tensor, kind: str) -> np.ndarray:
+    """The NumPy array a kernel reads for ``t3``: itself (``ncl``) or its rows (``rows``).
+
+    A view of ``t3``'s memory when ``t3`` is in that layout; a copy otherwise (a gradient may
+    arrive in another layout than the input's).
+    """
+    t3 = t3.detach()
+    if kind == NCL:
+        return t3.contiguous().numpy()
+    n, c, length = t3.shape
+    return t3.transpose(1, 2).reshape(n * length, c).numpy()
+
+
+def _empty(x3: Tensor, kind: str) -> Tensor:
+    """An uninitialized tensor of ``x3``'s shape and dtype in the given layout."""
+    n, c, length = x3.shape
+    if kind == NCL:
+        return torch.empty(n, c, length, dtype=x3.dtype)
+    return torch.empty(n, length, c, dtype=x3.dtype).transpose(1, 2)
+
+
+def _per_channel(v: Tensor | None, channels: int, fill: float) -> np.ndarray:
+    """``v`` as a float64 array, or ``fill`` repeated when the layer has no such parameter."""
+    if v is None:
+        return np.full(channels, fill)
+    return v.detach().to(torch.float64).contiguous().numpy()
+
+
+def forward_train(
+    x3: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    residual3: Tensor | None = None,
+    relu: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Algorithm 1: ``y = weight * (x - mean) * rstd + bias`` with the batch's statistics.
+
+    Args:
+        x3: ``(N, C, L)`` float32/float64 CPU tensor, contiguous or channels-last.
+        weight, bias: ``(C,)`` or ``None`` (ones / zeros).
+        eps: added to the biased variance.
+        residual3, relu: must be ``None`` / ``False`` (see ``supports``).
+
+    Returns:
+        ``(y3, mean, rstd, var)``: ``y3`` in ``x3``'s dtype and layout; per-channel mean,
+        ``rstd = 1/sqrt(var + eps)`` and biased variance in ``x3``'s dtype.
+
+    >>> x3 = torch.tensor([[[1.0, 3.0]], [[5.0, 7.0]]])
+    >>> y3, mean, rstd, var = forward_train(x3, None, None, 0.0)
+    >>> (y3 * 5 ** 0.5).flatten().round().tolist(), mean.tolist(), var.tolist()
+    ([-3.0, -1.0, 1.0, 3.0], [4.0], [5.0])
+    """
+    kind = _check(x3, residual3, relu)
+    channels = x3.shape[1]
+    acc = _eager.acc_dtype(x3.dtype)
+    y3 = _empty(x3, kind)
+    mean, rstd, var = (torch.empty(channels, dtype=acc) for _ in range(3))
+    kernels = _kernels()
+    kernel = kernels.forward_train_ncl if kind == NCL else kernels.forward_train_rows
+    kernel(_array(x3, kind), _per_channel(weight, channels, 1.0),
+           _per_channel(bias, channels, 0.0), float(eps), _array(y3, kind),
+           mean.numpy(), rstd.numpy(), var.numpy())
+    return y3, mean, rstd, var
+
+
+def forward_eval(
+    x3: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual3: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """Inference with fixed statistics: ``y = scale[c] * x + shift[c]``.
+
+    Args:
+        x3: ``(N, C, L)`` float32/float64 CPU tensor, contiguous or channels-last.
+        scale, shift: ``(C,)`` from ``_eager.inference_affine``; applied in ``x3``'s dtype.
+        residual3, relu: must be ``None`` / ``False`` (see ``supports``).
+
+    Returns:
+        ``y3`` in ``x3``'s dtype and layout.
+
+    >>> forward_eval(torch.ones(1, 2, 2), torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.0]))
+    tensor([[[3., 3.],
+             [3., 3.]]])
+    """
+    kind = _check(x3, residual3, relu)
+    y3 = _empty(x3, kind)
+    kernels = _kernels()
+    kernel = kernels.forward_eval_ncl if kind == NCL else kernels.forward_eval_rows
+    scale, shift = (v.detach().to(x3.dtype).contiguous().numpy() for v in (scale, shift))
+    kernel(_array(x3, kind), scale, shift, _array(y3, kind))
+    return y3
+
+
+def backward(
+    dy3: Tensor,
+    x3: Tensor,
+    y3: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    training: bool,
+    need_dx: bool = True,
+    need_dres: bool = False,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    """Closed-form gradients, as ``_eager.backward``: two sums in one pass, then ``dx``.
+
+    ``dbias = sum(dy)``, ``dweight = sum(dy * x_hat)``; ``dx = weight * rstd * (dy - dbias/m -
+    x_hat * dweight/m)`` in training, ``weight * rstd * dy`` in inference.
+
+    Args:
+        dy3: upstream gradient, ``x3``'s shape (another layout is copied into ``x3``'s).
+        x3: the forward input; y3: must be ``None`` (no fused ReLU here).
+        mean, rstd: ``(C,)`` statistics the forward normalized with.
+        weight: ``(C,)`` or ``None``.
+        training: whether the statistics were the batch's own (gradient flows through them).
+        need_dx: compute ``dx``. Default: ``True``. need_dres: must be ``False``.
+
+    Returns:
+        ``(dx3 or None, dweight, dbias, None)``, ``dx3`` in ``x3``'s dtype and layout, the
+        sums in ``x3``'s dtype.
+
+    >>> x3 = torch.tensor([[[1.0, 3.0]], [[5.0, 7.0]]])
+    >>> mean, rstd = torch.tensor([4.0]), torch.tensor([0.5])
+    >>> dx3, dweight, dbias, _ = backward(x3 - 4, x3, None, mean, rstd, None, False)
+    >>> dx3.flatten().tolist(), dweight.tolist(), dbias.tolist()
+    ([-1.5, -0.5, 0.5, 1.5], [10.0], [0.0])
+    """
+    kind = _check(x3)
+    if y3 is not None or need_dres:
+        raise ValueError("the numba backend has no fused ReLU/residual epilogue, so it has no "
+                         "backward for one (y3 and need_dres are for it); run such calls on the "
+                         "eager backend, as supports() says")
+    channels = x3.shape[1]
+    acc = _eager.acc_dtype(x3.dtype)
+    dweight, dbias = torch.empty(channels, dtype=acc), torch.empty(channels, dtype=acc)
+    dx3 = _empty(x3, kind) if need_dx else None
+    x = _array(x3, kind)
+    dx = _array(dx3, kind) if need_dx else np.empty((0,) * x.ndim, x.dtype)
+    kernels = _kernels()
+    kernel = kernels.backward_ncl if kind == NCL else kernels.backward_rows
+    kernel(_array(dy3.to(x3.dtype), kind), x, mean.detach().contiguous().numpy(),
+           rstd.detach().contiguous().numpy(), _per_channel(weight, channels, 1.0),
+           bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy())
+    return dx3, dweight, dbias, None

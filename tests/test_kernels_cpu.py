@@ -1,0 +1,264 @@
+"""Tests of the numba CPU backend (batchnorm/kernels/cpu.py) against independent truths.
+
+Truths: float64 ``torch.nn.functional.batch_norm`` (outputs, and its autograd for the
+gradients) and the eager specification ``batchnorm._eager`` run in float64 on the same values.
+Every case runs in both layouts the kernels read (contiguous ``(N, C, L)`` and channels-last),
+in float32 and float64, with non-trivial weight/bias and without them.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+
+from batchnorm import _eager
+
+numba = pytest.importorskip("numba", reason="numba is not installed: the CPU kernels are optional")
+cpu = pytest.importorskip("batchnorm.kernels.cpu")
+
+EPS = 1e-5
+
+# Named (N, C, L) cases: odd sizes, degenerate axes, and row counts around the kernels' chunking.
+CASES = {
+    "N2_C3_L7": (2, 3, 7),
+    "one_channel": (4, 1, 9),
+    "L1_dense": (16, 5, 1),
+    "NL2_two_samples": (2, 4, 1),
+    "NL2_two_positions": (1, 4, 2),
+    "5d_like_D2_H3_W5": (3, 4, 30),
+    "larger_N8_C32_L50": (8, 32, 50),
+    "rows_300_uneven_chunks": (300, 7, 1),
+    "rows_485_C6": (5, 6, 97),
+}
+LAYOUTS = ("ncl", "channels_last")
+DTYPES = (torch.float32, torch.float64)
+
+
+def _make(shape, layout, dtype, seed=0):
+    """x3 (offset and scaled per channel) in the requested memory layout, dy3 alike, γ, β."""
+    n, c, length = shape
+    g = torch.Generator().manual_seed(seed)
+    offset = torch.empty(1, c, 1, dtype=torch.float64).uniform_(-3, 3, generator=g)
+    spread = torch.empty(1, c, 1, dtype=torch.float64).uniform_(0.5, 4, generator=g)
+    x = offset + spread * torch.randn(shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight = torch.empty(c, dtype=torch.float64).uniform_(0.5, 2, generator=g)
+    weight = weight * torch.where(torch.rand(c, generator=g) < 0.5, -1.0, 1.0).double()
+    bias = torch.empty(c, dtype=torch.float64).uniform_(-1, 1, generator=g)
+
+    def laid_out(t):
+        t = t.to(dtype)
+        return t if layout == "ncl" else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    return laid_out(x), laid_out(dy), weight.to(dtype), bias.to(dtype)
+
+
+def _assert_same_layout(out, x3):
+    assert out.shape == x3.shape and out.dtype == x3.dtype
+    if x3.is_contiguous():
+        assert out.is_contiguous()
+    if x3.transpose(1, 2).is_contiguous():
+        assert out.transpose(1, 2).is_contiguous()
+
+
+def _params(affine, weight, bias):
+    return (weight, bias) if affine else (None, None)
+
+
+grid = pytest.mark.parametrize
+all_cases = [
+    grid("shape", list(CASES.values()), ids=list(CASES)),
+    grid("layout", LAYOUTS),
+    grid("dtype", DTYPES, ids=["float32", "float64"]),
+    grid("affine", [True, False], ids=["affine", "no_affine"]),
+]
+
+
+def _apply(marks):
+    def decorate(function):
+        for mark in reversed(marks):
+            function = mark(function)
+        return function
+
+    return decorate
+
+
+@_apply(all_cases)
+def test_forward_train_matches_float64_truths(shape, layout, dtype, affine):
+    x3, _, weight, bias = _make(shape, layout, dtype)
+    w, b = _params(affine, weight, bias)
+    y3, mean, rstd, var = cpu.forward_train(x3, w, b, EPS)
+    _assert_same_layout(y3, x3)
+    x64 = x3.double()
+    w64, b64 = (None if t is None else t.double() for t in (w, b))
+    torch_y = F.batch_norm(x64, None, None, w64, b64, training=True, eps=EPS)
+    spec_y, spec_mean, spec_rstd, spec_var = _eager.forward_train(x64, w64, b64, EPS)
+    var_truth, mean_truth = torch.var_mean(x64, dim=(0, 2), correction=0)
+    for actual, truth in ((y3, torch_y), (y3, spec_y), (mean, mean_truth), (mean, spec_mean),
+                          (var, var_truth), (var, spec_var), (rstd, spec_rstd)):
+        assert_close(actual, truth, dtype)
+    assert mean.dtype == var.dtype == rstd.dtype == _eager.acc_dtype(dtype)
+
+
+@_apply(all_cases)
+def test_forward_eval_matches_float64_truths(shape, layout, dtype, affine):
+    x3, _, weight, bias = _make(shape, layout, dtype)
+    w, b = _params(affine, weight, bias)
+    c = shape[1]
+    running_mean = torch.linspace(-1, 2, c, dtype=dtype)
+    running_var = torch.linspace(0.5, 3, c, dtype=dtype)
+    scale, shift = _eager.inference_affine(w, b, running_mean, running_var, EPS)
+    y3 = cpu.forward_eval(x3, scale, shift)
+    _assert_same_layout(y3, x3)
+    w64, b64 = (None if t is None else t.double() for t in (w, b))
+    torch_y = F.batch_norm(x3.double(), running_mean.double(), running_var.double(), w64, b64,
+                           training=False, eps=EPS)
+    spec_y = _eager.forward_eval(x3.double(), scale.double(), shift.double())
+    assert_close(y3, torch_y, dtype)
+    assert_close(y3, spec_y, dtype)
+
+
+def _torch_grads(x3, dy3, w, b, training, running=None):
+    """dx, dweight, dbias of float64 torch.nn.functional.batch_norm by autograd."""
+    x = x3.double().requires_grad_()
+    params = [None if t is None else t.double().requires_grad_() for t in (w, b)]
+    rm, rv = (None, None) if running is None else (t.double() for t in running)
+    y = F.batch_norm(x, rm, rv, *params, training=training, eps=EPS)
+    y.backward(dy3.double())
+    grads = [x.grad] + [None if p is None else p.grad for p in params]
+    return grads
+
+
+@_apply(all_cases)
+def test_backward_training_matches_float64_truths(shape, layout, dtype, affine):
+    x3, dy3, weight, bias = _make(shape, layout, dtype)
+    w, b = _params(affine, weight, bias)
+    _, mean, rstd, _ = _eager.forward_train(x3, w, b, EPS)  # the statistics a forward saves
+    dx3, dweight, dbias, dres = cpu.backward(dy3, x3, None, mean, rstd, w, True)
+    _assert_same_layout(dx3, x3)
+    assert dres is None
+    dx_truth, dw_truth, db_truth = _torch_grads(x3, dy3, w, b, training=True)
+    x64, dy64 = x3.double(), dy3.double()
+    m64, r64 = _eager.forward_train(x64, None, None, EPS)[1:3]
+    spec = _eager.backward(dy64, x64, None, m64, r64, None if w is None else w.double(), True)
+    assert_close(dx3, dx_truth, dtype)
+    assert_close(dx3, spec[0], dtype)
+    assert_close(dbias, dy64.sum((0, 2)), dtype)
+    assert_close(dweight, spec[1], dtype)
+    if affine:
+        assert_close(dweight, dw_truth, dtype)
+        assert_close(dbias, db_truth, dtype)
+
+
+@_apply(all_cases)
+def test_backward_inference_matches_float64_truths(shape, layout, dtype, affine):
+    x3, dy3, weight, bias = _make(shape, layout, dtype)
+    w, b = _params(affine, weight, bias)
+    c = shape[1]
+    running = (torch.linspace(-1, 2, c, dtype=dtype), torch.linspace(0.5, 3, c, dtype=dtype))
+    rstd = torch.rsqrt(running[1] + EPS)
+    dx3, dweight, dbias, _ = cpu.backward(dy3, x3, None, running[0], rstd, w, False)
+    _assert_same_layout(dx3, x3)
+    dx_truth, dw_truth, db_truth = _torch_grads(x3, dy3, w, b, training=False, running=running)
+    assert_close(dx3, dx_truth, dtype)
+    x_hat = (x3.double() - running[0].double().view(1, -1, 1)) * rstd.double().view(1, -1, 1)
+    assert_close(dweight, (dy3.double() * x_hat).sum((0, 2)), dtype)
+    assert_close(dbias, dy3.double().sum((0, 2)), dtype)
+    if affine:
+        assert_close(dweight, dw_truth, dtype)
+        assert_close(dbias, db_truth, dtype)
+
+
+@grid("layout", LAYOUTS)
+def test_backward_without_dx_still_gives_the_sums(layout):
+    x3, dy3, weight, _ = _make((3, 5, 11), layout, torch.float64)
+    _, mean, rstd, _ = _eager.forward_train(x3, weight, None, EPS)
+    dx3, dweight, dbias, _ = cpu.backward(dy3, x3, None, mean, rstd, weight, True, need_dx=False)
+    spec = _eager.backward(dy3, x3, None, mean, rstd, weight, True)
+    assert dx3 is None
+    assert_close(dweight, spec[1])
+    assert_close(dbias, spec[2])
+
+
+@grid("layout", LAYOUTS)
+def test_gradient_in_another_layout_than_the_input(layout):
+    x3, dy3, weight, _ = _make((4, 6, 10), layout, torch.float64)
+    other = "ncl" if layout == "channels_last" else "channels_last"
+    dy_other = _make((4, 6, 10), other, torch.float64)[1]
+    _, mean, rstd, _ = _eager.forward_train(x3, weight, None, EPS)
+    dx3 = cpu.backward(dy_other, x3, None, mean, rstd, weight, True)[0]
+    _assert_same_layout(dx3, x3)
+    assert_close(dx3, _torch_grads(x3, dy_other, weight, None, training=True)[0])
+
+
+@grid("layout", LAYOUTS)
+def test_large_mean_small_std_float32_normalizes_within_1e_2_std(layout):
+    # mean 1e4, std 1e-2: float32 spacing at 1e4 is ~1e-3, a tenth of the std, so a naive
+    # x - mean with a rounded mean is off by a large fraction of the std.
+    g = torch.Generator().manual_seed(7)
+    x64 = 1e4 + 1e-2 * torch.randn(16, 3, 257, generator=g, dtype=torch.float64)
+    x3 = x64.float()
+    if layout == "channels_last":
+        x3 = x3.transpose(1, 2).contiguous().transpose(1, 2)
+    eps = 1e-12  # negligible against var = 1e-4 (torch refuses eps = 0 in training)
+    y3 = cpu.forward_train(x3, None, None, eps)[0]
+    truth = F.batch_norm(x3.double(), None, None, training=True, eps=eps)
+    assert (y3.double() - truth).abs().max().item() <= 1e-2
+
+
+def test_results_are_bitwise_reproducible_across_thread_counts():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread here: nothing to compare across thread counts")
+    x3, dy3, weight, bias = _make((700, 9, 1), "channels_last", torch.float32, seed=3)
+    previous = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            numba.set_num_threads(threads)
+            y3, mean, rstd, _ = cpu.forward_train(x3, weight, bias, EPS)
+            results.append((y3,) + cpu.backward(dy3, x3, None, mean, rstd, weight, True)[:3])
+    finally:
+        numba.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+@grid("layout", LAYOUTS)
+def test_non_finite_input_gives_non_finite_statistics_for_its_channel_only(layout):
+    x3 = _make((3, 4, 5), layout, torch.float32)[0].clone()
+    x3[1, 2, 3] = float("inf")
+    _, mean, _, var = cpu.forward_train(x3, None, None, EPS)
+    finite = torch.isfinite(mean) & torch.isfinite(var)
+    assert finite.tolist() == [True, True, False, True]
+
+
+UNSUPPORTED = {
+    "float16": (torch.zeros(2, 3, 4, dtype=torch.float16), None, False),
+    "bfloat16": (torch.zeros(2, 3, 4, dtype=torch.bfloat16), None, False),
+    "strided": (torch.zeros(2, 3, 8)[:, :, ::2], None, False),
+    "empty": (torch.zeros(0, 3, 4), None, False),
+    "relu": (torch.zeros(2, 3, 4), None, True),
+    "residual": (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), False),
+}
+
+
+@grid("call", list(UNSUPPORTED.values()), ids=list(UNSUPPORTED))
+def test_unsupported_calls_are_refused_with_a_clear_error(call):
+    x3, residual3, relu = call
+    assert not cpu.supports(x3, residual3, relu)
+    with pytest.raises(ValueError, match="supports"):
+        cpu.forward_train(x3, None, None, EPS, residual3, relu)
+
+
+def test_supported_calls():
+    assert cpu.available()
+    for dtype in DTYPES:
+        for layout in LAYOUTS:
+            assert cpu.supports(_make((2, 3, 4), layout, dtype)[0], None, False)
+
+
+def test_backward_refuses_a_relu_mask():
+    x3 = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="ReLU"):
+        cpu.backward(x3, x3, x3, torch.zeros(3), torch.ones(3), None, True)
