@@ -34,6 +34,13 @@ LAYOUTS = ("ncl", "channels_last")
 DTYPES = (torch.float32, torch.float64)
 
 
+@pytest.fixture(autouse=True)
+def _multithreaded_kernels(monkeypatch):
+    # Run even the small cases on numba's thread pool; the one-thread path that small inputs
+    # take gives bitwise the same results (see the thread-count test below).
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+
+
 def _make(shape, layout, dtype, seed=0):
     """x3 (offset and scaled per channel) in the requested memory layout, dy3 alike, γ, β."""
     n, c, length = shape
@@ -222,6 +229,25 @@ def test_results_are_bitwise_reproducible_across_thread_counts():
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+def test_small_inputs_run_on_one_thread_and_restore_the_thread_count(monkeypatch):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has a single thread here: nothing to switch")
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 100)
+    kernels = cpu._kernels()
+    seen = []
+
+    def spy(*args):
+        seen.append(numba.get_num_threads())
+        return kernels.forward_eval_ncl(*args)
+
+    monkeypatch.setattr(cpu, "_kernels", lambda: type("K", (), {"forward_eval_ncl": spy}))
+    before = numba.get_num_threads()
+    for shape in ((2, 3, 4), (2, 3, 50)):  # 24 elements, then 300
+        cpu.forward_eval(torch.randn(shape), torch.ones(3), torch.zeros(3))
+    assert seen == [1, before]
+    assert numba.get_num_threads() == before
 
 
 @grid("layout", LAYOUTS)

@@ -17,6 +17,7 @@ epilogue are refused by ``supports()`` and stay on the eager path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -27,6 +28,10 @@ from batchnorm import _eager
 
 DTYPES = (torch.float32, torch.float64)
 NCL, ROWS = "ncl", "rows"  # the two layouts the kernels read, see the module docstring
+# Inputs with fewer elements run on one thread: waking the thread pool costs more than the
+# second thread saves (and waits for a timeslice when the machine is busy). Results are
+# bitwise the same either way (the kernels' partitions do not depend on the thread count).
+PARALLEL_MIN_NUMEL = 1 << 16
 
 
 @functools.cache
@@ -93,6 +98,22 @@ def _kernels():
     return cpu_kernels
 
 
+@contextlib.contextmanager
+def _threads_for(numel: int):
+    """numba's thread count for a kernel on ``numel`` elements: all, or one when small."""
+    if numel >= PARALLEL_MIN_NUMEL or not available():
+        yield
+        return
+    import numba
+
+    previous = numba.get_num_threads()  # per calling thread; restored even if the kernel fails
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _array(t3: Tensor, kind: str) -> np.ndarray:
     """The NumPy array a kernel reads for ``t3``: itself (``ncl``) or its rows (``rows``).
 
@@ -107,11 +128,18 @@ def _array(t3: Tensor, kind: str) -> np.ndarray:
 
 
 def _empty(x3: Tensor, kind: str) -> Tensor:
-    """An uninitialized tensor of ``x3``'s shape and dtype in the given layout."""
+    """An uninitialized tensor of ``x3``'s shape and dtype in the given layout.
+
+    Allocated by NumPy, which advises the kernel to back large arrays with huge pages: a fresh
+    output too large for the allocator to recycle is then faulted in 2 MiB at a time instead of
+    4 KiB, which saves most of the cost of first touch (about as long as the kernel itself for
+    a 50 MB tensor).
+    """
     n, c, length = x3.shape
+    dtype = np.float32 if x3.dtype == torch.float32 else np.float64
     if kind == NCL:
-        return torch.empty(n, c, length, dtype=x3.dtype)
-    return torch.empty(n, length, c, dtype=x3.dtype).transpose(1, 2)
+        return torch.from_numpy(np.empty((n, c, length), dtype))
+    return torch.from_numpy(np.empty((n, length, c), dtype)).transpose(1, 2)
 
 
 def _per_channel(v: Tensor | None, channels: int, fill: float) -> np.ndarray:
@@ -153,9 +181,10 @@ def forward_train(
     mean, rstd, var = (torch.empty(channels, dtype=acc) for _ in range(3))
     kernels = _kernels()
     kernel = kernels.forward_train_ncl if kind == NCL else kernels.forward_train_rows
-    kernel(_array(x3, kind), _per_channel(weight, channels, 1.0),
-           _per_channel(bias, channels, 0.0), float(eps), _array(y3, kind),
-           mean.numpy(), rstd.numpy(), var.numpy())
+    with _threads_for(x3.numel()):
+        kernel(_array(x3, kind), _per_channel(weight, channels, 1.0),
+               _per_channel(bias, channels, 0.0), float(eps), _array(y3, kind),
+               mean.numpy(), rstd.numpy(), var.numpy())
     return y3, mean, rstd, var
 
 
@@ -185,7 +214,8 @@ def forward_eval(
     kernels = _kernels()
     kernel = kernels.forward_eval_ncl if kind == NCL else kernels.forward_eval_rows
     scale, shift = (v.detach().to(x3.dtype).contiguous().numpy() for v in (scale, shift))
-    kernel(_array(x3, kind), scale, shift, _array(y3, kind))
+    with _threads_for(x3.numel()):
+        kernel(_array(x3, kind), scale, shift, _array(y3, kind))
     return y3
 
 
@@ -236,7 +266,8 @@ def backward(
     dx = _array(dx3, kind) if need_dx else np.empty((0,) * x.ndim, x.dtype)
     kernels = _kernels()
     kernel = kernels.backward_ncl if kind == NCL else kernels.backward_rows
-    kernel(_array(dy3.to(x3.dtype), kind), x, mean.detach().contiguous().numpy(),
-           rstd.detach().contiguous().numpy(), _per_channel(weight, channels, 1.0),
-           bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy())
+    with _threads_for(x3.numel()):
+        kernel(_array(dy3.to(x3.dtype), kind), x, mean.detach().contiguous().numpy(),
+               rstd.detach().contiguous().numpy(), _per_channel(weight, channels, 1.0),
+               bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy())
     return dx3, dweight, dbias, None

@@ -1,0 +1,252 @@
+"""CPU benchmark: batch norm in training, this package's backends against torch.nn.
+
+Times, for each shape and memory format of ``ROWS``:
+
+* the training forward through ``batchnorm.functional.batch_norm(..., backend=...)`` against
+  ``torch.nn.functional.batch_norm`` (both updating running statistics), and
+* forward + backward through the modules (``batchnorm.BatchNorm2d``/``1d`` with
+  ``$BATCHNORM_BACKEND`` set, against ``torch.nn.BatchNorm2d``/``1d``), the gradients of the
+  input, weight and bias taken with ``torch.autograd.grad``,
+
+for the ``numba`` and ``eager`` backends. Each figure is the median of ``--repeats`` timed runs
+after one warm-up; the implementations take turns within each round, so a change in the
+machine's load touches them alike. Achieved bandwidth counts the minimal traffic for an input
+of ``S`` bytes: ``3 S`` for the forward (read for the statistics, read and write to normalize)
+and ``3 S + 5 S`` for forward + backward (the backward reads x and dy for its sums, then reads
+x and dy and writes dx). The machine's copy bandwidth is measured the way a fresh output is
+made, ``torch.empty_like(x).copy_(x)`` counting read + write, so both sides pay for new pages.
+
+Run from the repository root (about a minute on 2 cores)::
+
+    python benchmarks/cpu.py                 # writes benchmarks/results/cpu.md
+    python benchmarks/cpu.py --repeats 3 --out /tmp/cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import batchnorm  # noqa: E402
+from batchnorm.functional import batch_norm  # noqa: E402
+from batchnorm.kernels import cpu as numba_backend  # noqa: E402
+
+# (shape, memory format): the issue's table; the 2D row has a single layout.
+ROWS = [
+    ((64, 64, 56, 56), "nchw"),
+    ((64, 64, 56, 56), "channels_last"),
+    ((64, 256, 28, 28), "nchw"),
+    ((64, 256, 28, 28), "channels_last"),
+    ((256, 512, 7, 7), "nchw"),
+    ((256, 512, 7, 7), "channels_last"),
+    ((4096, 1024), "nchw"),
+]
+IMPLS = ("torch.nn", "numba", "eager")
+TARGET_GEOMEAN = 2.0  # forward+backward speedup over torch.nn, geometric mean over the rows
+TARGET_MIN = 1.0  # no row slower than torch.nn
+TARGET_COPY_FRACTION = 0.5  # training forward (3-pass traffic) vs copy bandwidth, largest shape
+
+
+def _median_ms(function, repeats: int) -> float:
+    function()  # warm-up (and numba's compilation or cache load on first use)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def copy_bandwidth(numel: int, repeats: int) -> tuple[float, float]:
+    """GB/s of a copy into a fresh tensor and into a preallocated one (read + write)."""
+    x = torch.randn(numel)
+    fresh = _median_ms(lambda: torch.empty_like(x).copy_(x), repeats)
+    out = torch.empty_like(x)
+    reused = _median_ms(lambda: out.copy_(x), repeats)
+    nbytes = 2 * x.numel() * x.element_size()
+    return nbytes / fresh / 1e6, nbytes / reused / 1e6
+
+
+def _modules(channels: int, rank: int) -> dict:
+    name = "BatchNorm2d" if rank == 4 else "BatchNorm1d"
+    ours = getattr(batchnorm, name)(channels)
+    return {"torch.nn": getattr(torch.nn, name)(channels), "numba": ours, "eager": ours}
+
+
+def _forward(impl: str, x, stats, weight, bias):
+    with torch.no_grad():
+        if impl == "torch.nn":
+            return torch.nn.functional.batch_norm(x, *stats, weight, bias, training=True)
+        return batch_norm(x, *stats, weight, bias, training=True, backend=impl)
+
+
+def _forward_backward(impl: str, module, x, dy):
+    os.environ["BATCHNORM_BACKEND"] = "auto" if impl == "torch.nn" else impl
+    y = module(x)
+    return torch.autograd.grad(y, (x, module.weight, module.bias), dy)
+
+
+def time_row(shape, memory_format: str, repeats: int) -> dict:
+    """Median milliseconds of each implementation, forward and forward+backward."""
+    x = torch.randn(shape)
+    if memory_format == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    channels = shape[1]
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    stats = {impl: (torch.zeros(channels), torch.ones(channels)) for impl in IMPLS}
+    modules = _modules(channels, len(shape))
+    x_grad = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    runs = {}
+    for impl in IMPLS:
+        runs[("fwd", impl)] = lambda i=impl: _forward(i, x, stats[i], weight, bias)
+        runs[("fb", impl)] = lambda i=impl: _forward_backward(i, modules[i], x_grad, dy)
+    for run in runs.values():
+        run()  # warm-up round
+    times = {key: [] for key in runs}
+    for _ in range(repeats):  # rounds: every implementation once per round
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    os.environ.pop("BATCHNORM_BACKEND", None)
+    result = {key: 1e3 * float(np.median(t)) for key, t in times.items()}
+    result["bytes"] = x.numel() * x.element_size()
+    return result
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        info["cpu"] = fields.get("Model name", info["cpu"]).strip()
+        info["cores"] = fields.get("CPU(s)", str(info["cores"])).strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass  # lscpu is Linux-only: keep the platform module's answer
+    return info
+
+
+def versions() -> str:
+    import numba
+
+    return (f"python {platform.python_version()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), numba {numba.__version__} "
+            f"({numba.get_num_threads()} threads, {numba.threading_layer()} layer), "
+            f"numpy {np.__version__}")
+
+
+def _label(shape, memory_format) -> str:
+    return "x".join(map(str, shape)) + ("" if len(shape) == 2 else f" {memory_format}")
+
+
+def table(results: list[tuple]) -> list[str]:
+    head = ("| shape | MB | fwd torch.nn ms | fwd numba ms | fwd eager ms | fwd speedup | "
+            "fwd numba GB/s | fwd torch GB/s | f+b torch.nn ms | f+b numba ms | f+b eager ms | "
+            "f+b speedup | f+b numba GB/s | f+b torch GB/s |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for (shape, memory_format), r in results:
+        s = r["bytes"]
+        lines.append(
+            f"| {_label(shape, memory_format)} | {s / 1e6:.1f} | {r['fwd', 'torch.nn']:.2f} | "
+            f"{r['fwd', 'numba']:.2f} | {r['fwd', 'eager']:.2f} | "
+            f"{r['fwd', 'torch.nn'] / r['fwd', 'numba']:.2f}x | "
+            f"{3 * s / r['fwd', 'numba'] / 1e6:.1f} | {3 * s / r['fwd', 'torch.nn'] / 1e6:.1f} | "
+            f"{r['fb', 'torch.nn']:.2f} | {r['fb', 'numba']:.2f} | {r['fb', 'eager']:.2f} | "
+            f"{r['fb', 'torch.nn'] / r['fb', 'numba']:.2f}x | "
+            f"{8 * s / r['fb', 'numba'] / 1e6:.1f} | {8 * s / r['fb', 'torch.nn'] / 1e6:.1f} |")
+    return lines
+
+
+def targets(results: list[tuple], copy_gbs: float) -> list[str]:
+    speedups = [r["fb", "torch.nn"] / r["fb", "numba"] for _, r in results]
+    geomean = math.exp(sum(map(math.log, speedups)) / len(speedups))
+    largest = max(r["bytes"] for _, r in results)
+    fractions = [3 * r["bytes"] / r["fwd", "numba"] / 1e6 / copy_gbs
+                 for _, r in results if r["bytes"] == largest]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    return [
+        f"- forward+backward geometric-mean speedup over torch.nn: {geomean:.2f}x "
+        f"(target >= {TARGET_GEOMEAN}x: {verdict(geomean >= TARGET_GEOMEAN)})",
+        f"- slowest row, forward+backward: {min(speedups):.2f}x "
+        f"(target >= {TARGET_MIN}x: {verdict(min(speedups) >= TARGET_MIN)})",
+        f"- training forward on the largest shape ({largest / 1e6:.1f} MB): "
+        f"{', '.join(f'{100 * f:.0f}%' for f in fractions)} of the copy bandwidth "
+        f"(target >= {100 * TARGET_COPY_FRACTION:.0f}%: "
+        f"{verdict(min(fractions) >= TARGET_COPY_FRACTION)})",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5,  # timed rounds after one warm-up
+                        help="timed runs per figure (median reported). Default: 5")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.md"),
+                        help="markdown file to write. Default: benchmarks/results/cpu.md")
+    raw_args = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw_args)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not numba_backend.available():
+        sys.exit("numba is not installed: pip install numba (the benchmark times its kernels)")
+
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        print(f"warning: load average {load_before[0]:.2f}: other work on the machine will "
+              "slow every implementation and add noise", file=sys.stderr)
+    largest = max(math.prod(shape) for shape, _ in ROWS)
+    copy_fresh, copy_reused = copy_bandwidth(largest, args.repeats)
+    results = []
+    for shape, memory_format in ROWS:
+        results.append(((shape, memory_format), time_row(shape, memory_format, args.repeats)))
+        print(f"{_label(shape, memory_format)}: done", file=sys.stderr)
+    load_after = os.getloadavg()
+
+    info = machine()
+    lines = [
+        "# CPU benchmark: training batch norm, float32",
+        "",
+        f"- machine: {info['cpu']}, {info['cores']} CPUs ({platform.system()})",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- versions: {versions()}",
+        f"- command: `{' '.join(['python', 'benchmarks/cpu.py', *raw_args])}`",
+        f"- load average (1/5/15 min) before: {' / '.join(f'{v:.2f}' for v in load_before)}, "
+        f"after: {' / '.join(f'{v:.2f}' for v in load_after)}",
+        f"- copy bandwidth (`torch.empty_like(x).copy_(x)`, read + write, "
+        f"{largest * 4 / 1e6:.0f} MB): {copy_fresh:.1f} GB/s; into a preallocated tensor: "
+        f"{copy_reused:.1f} GB/s",
+        f"- median of {args.repeats} runs after a warm-up; GB/s counts 3 S bytes for the forward, "
+        "8 S for forward+backward; speedup = torch.nn time / numba time",
+        "",
+        *table(results),
+        "",
+        "Targets:",
+        "",
+        *targets(results, copy_fresh),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(text)
+    partial.replace(args.out)  # atomic: an interrupted run never leaves a half-written table
+
+
+if __name__ == "__main__":
+    main()
