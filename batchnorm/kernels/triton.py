@@ -141,8 +141,9 @@ def supports(x3: Tensor, residual3: Tensor | None, relu: bool) -> bool:
         return False
     if not 0 < x3.numel() <= _MAX_ELEMENTS or _view(x3) is None:
         return False
-    if residual3 is not None and (residual3.shape != x3.shape or residual3.device != x3.device):
-        return False
+    if residual3 is not None and (residual3.shape[:2] != x3.shape[:2] or residual3.device
+                                  != x3.device or residual3.numel() != x3.numel()):
+        return False  # (N, C, ...) of x3's size: the residual may come before its (N, C, L) view
     if x3.device.type == "cuda":
         return True
     return x3.device.type == "cpu" and interpreted()
