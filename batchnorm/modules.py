@@ -17,6 +17,7 @@ class _NormBase(nn.Module):
     """Parameters and running statistics shared by the batch-norm modules."""
 
     _version = 2  # version 2 added num_batches_tracked, as in torch
+    virtual_batch_size: int | None = None  # also the value of layers built without __init__
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
 
     def __init__(
@@ -30,11 +31,18 @@ class _NormBase(nn.Module):
         dtype=None,
         *,
         bias: bool = True,
+        virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_features, int) or isinstance(num_features, bool) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if virtual_batch_size is not None and (
+                not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool)
+                or virtual_batch_size < 1):
+            raise ValueError(f"virtual_batch_size must be a positive int or None, got "
+                             f"{virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -80,9 +88,12 @@ class _NormBase(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+        text = ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
                 "bias={has_bias}, track_running_stats={track_running_stats}"
                 .format(**self.__dict__, has_bias=self.bias is not None))
+        if self.virtual_batch_size is not None:
+            text += f", virtual_batch_size={self.virtual_batch_size}"
+        return text
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -101,6 +112,28 @@ class _BatchNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
+        k = self.virtual_batch_size
+        if self.training and k is not None and input.shape[0] > k:
+            return self._ghost_forward(input, k)
+        return self._normalize(input)
+
+    def _ghost_forward(self, input: Tensor, k: int) -> Tensor:
+        """Ghost batch norm: each chunk of ``k`` samples along dim 0 is a batch of its own.
+
+        The last chunk holds the remaining ``N mod k`` samples when ``k`` does not divide ``N``.
+        Chunks update the running estimates one after another, as ``N / k`` batches would.
+        """
+        last = (input.shape[0] - 1) % k + 1
+        if input[:last].numel() // input.shape[1] <= 1:
+            # Checked before any chunk runs, so a failing call leaves the statistics untouched.
+            raise ValueError(
+                f"virtual_batch_size={k} splits a batch of {input.shape[0]} into chunks whose "
+                f"last one has {last} sample(s), 1 value per channel (input shape "
+                f"{tuple(input.shape)}); use a batch size whose last chunk keeps at least 2 "
+                "values per channel, e.g. a multiple of a virtual_batch_size >= 2")
+        return torch.cat([self._normalize(chunk) for chunk in input.split(k)])
+
+    def _normalize(self, input: Tensor) -> Tensor:
         # Batch statistics in training, and in inference when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None
                                             and self.running_var is None)
@@ -155,6 +188,13 @@ _DOC = r"""Batch normalization over a {rank_words} input, as ``torch.nn.{name}``
         device: device of the parameters and buffers. Default: ``None``.
         dtype: dtype of the parameters and buffers. Default: ``None``.
         bias: with ``affine``, learn the shift ``bias`` too (keyword only). Default: ``True``.
+        virtual_batch_size: ghost batch norm (keyword only): in training, normalize each
+            chunk of this many samples along dim 0 with its own statistics; the last chunk
+            keeps the remainder when the batch size is not a multiple, and must hold at least
+            2 values per channel. Each chunk updates the running estimates in turn, exactly
+            as if the chunks had come as separate batches, so they estimate the statistics
+            of ``virtual_batch_size`` batches (the batches inference should match) and
+            ``num_batches_tracked`` counts chunks. ``eval()`` is unchanged. Default: ``None``.
 
     Shape:
         - Input: {shape}

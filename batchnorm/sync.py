@@ -78,7 +78,7 @@ class SyncBatchNorm(_BatchNorm):
     Examples::
 
         >>> import torch
-        >>> from batchnorm import SyncBatchNorm
+        >>> from batchnorm.sync import SyncBatchNorm
         >>> bn = SyncBatchNorm(3)   # not distributed here: plain batch norm
         >>> bn(torch.randn(4, 3, 5)).shape
         torch.Size([4, 3, 5])
@@ -146,7 +146,7 @@ class SyncBatchNorm(_BatchNorm):
         Example::
 
             >>> import torch
-            >>> from batchnorm import SyncBatchNorm
+            >>> from batchnorm.sync import SyncBatchNorm
             >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
             >>> model = SyncBatchNorm.convert_sync_batchnorm(model)
             >>> type(model[1]).__name__
