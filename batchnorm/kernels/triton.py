@@ -54,6 +54,9 @@ class Config:
         path: force ``"resident"``, ``"looped"`` or ``"split"``; ``None`` chooses per call.
             Default: ``None``.
 
+    Calls take ``config=``; without it they read the module's ``DEFAULT`` at call time, so
+    assigning ``batchnorm.kernels.triton.DEFAULT = Config(...)`` tunes every call (benchmarks).
+
     >>> Config(path="split").tile_bytes
     16384
     """
@@ -202,6 +205,7 @@ def _units(view: _View, tile: tuple[int, int, int]) -> int:
     return -(-view.n // tile[0]) * -(-view.l // tile[2])
 
 
+@functools.lru_cache(maxsize=1024)  # plans depend on shapes only: keep them off the launch path
 def _plan(view: _View, elem: int, streams: int, device: torch.device, cfg: Config) -> _Plan:
     """The path, tile and grid of a reduction over ``view`` (``streams`` tensors read)."""
     sms, l2_bytes = _device_info(device)
@@ -238,6 +242,7 @@ def _plan(view: _View, elem: int, streams: int, device: torch.device, cfg: Confi
     return _Plan(path, tile, blocks, units, -(-units // per), per)
 
 
+@functools.lru_cache(maxsize=1024)
 def _elementwise_plan(view: _View, elem: int, cfg: Config) -> _Plan:
     tile = _tile(view, elem, cfg)
     units = _units(view, tile)
