@@ -215,7 +215,9 @@ class _SyncNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, count, eps, group):
         x3 = _ncl(x)
-        backend = _ops.resolve_backend(None, x3, None, False)
+        # An empty slice has nothing to compute; no backend is asked (a backend named in
+        # $BATCHNORM_BACKEND may refuse empty tensors).
+        backend = "eager" if x3.numel() == 0 else _ops.resolve_backend(None, x3, None, False)
         scale, shift = _eager.inference_affine(weight, bias, mean, var, eps)
         y = _ops.from_ncl(_ops.backend_module(backend).forward_eval(x3, scale, shift), x)
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), count)
