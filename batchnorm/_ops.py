@@ -14,6 +14,7 @@ the canonical ``(N, C, L)`` view of its tensors to that backend's module.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from types import ModuleType
 
@@ -71,7 +72,7 @@ def resolve_backend(
 
 def as_ncl(t: Tensor) -> Tensor:
     """The ``(N, C, L)`` view of a tensor whose layout is contiguous or channels-last."""
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
 def from_ncl(t3: Tensor, x: Tensor) -> Tensor:
