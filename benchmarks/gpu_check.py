@@ -180,6 +180,27 @@ def check_running_stats():
         report(f"non-finite batch skipped momentum={momentum}", same, "")
 
 
+def check_non_finite_input():
+    """A NaN or inf in the input shows in its channel's mean and var on every path (GPU max
+    and min drop NaN, so this differs from the interpreter if the kernels clamp with them),
+    and the running statistics then stay unchanged."""
+    shape = (64, 8, 300) if DEVICE == "cuda" else (3, 8, 5)
+    x3 = make(shape, torch.float32, False, seed=5)[0]
+    x3[1, 0, 2], x3[2, 5, 4] = float("nan"), float("inf")
+    for path in paths_for(x3):
+        _, mean, _, var = bt.forward_train(x3, None, None, EPS, config=bt.Config(path=path))
+        bad = ~(mean.isfinite() & var.isfinite())
+        expected = torch.zeros(8, dtype=torch.bool, device=DEVICE)
+        expected[[0, 5]] = True
+        report(f"{path:8s} non-finite input -> non-finite mean/var", torch.equal(bad, expected),
+               f"non-finite channels {bad.nonzero().flatten().tolist()}")
+        rm, rv, count = torch.zeros(8, device=DEVICE), torch.ones(8, device=DEVICE), \
+            torch.tensor(3, device=DEVICE)
+        bt.update_running_stats(rm, rv, count, mean, var, shape[0] * shape[2], 0.1)
+        report(f"{path:8s} running stats kept", bool((rm == 0).all() and (rv == 1).all())
+               and count.item() == 3, "")
+
+
 def check_cuda_graph():
     x, dy, res, w, b = make((64, 96, 28, 28), torch.bfloat16, True, seed=2)
     w, b = w.float().requires_grad_(), b.float().requires_grad_()
@@ -287,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in (torch.float32, torch.bfloat16):
             for channels_last in ((False, True) if len(shape) == 4 else (False,)):
                 check_forced_paths(shape, dtype, channels_last)
-    checks = [check_running_stats] + ([] if args.smoke else [check_cuda_graph, check_compile])
+    checks = [check_running_stats, check_non_finite_input]
+    checks += [] if args.smoke else [check_cuda_graph, check_compile]
     for check in checks + [check_module]:
         try:
             check()

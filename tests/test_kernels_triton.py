@@ -281,6 +281,18 @@ def test_large_mean_keeps_precision(path):
     torch.testing.assert_close(var.double(), x.var((0, 2), unbiased=False), rtol=1e-3, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf - inf, on purpose
+@grid("path", PATHS)
+def test_non_finite_input_gives_non_finite_statistics(path):
+    """A NaN or inf in a channel shows in its mean and var (what the running update skips on)."""
+    x3 = _make((3, 3, 5), "ncl", torch.float32, seed=11)[0]
+    x3[1, 0, 2], x3[2, 2, 4] = float("nan"), float("inf")
+    _, mean, _, var = bt.forward_train(x3, None, None, EPS, config=_small_tiles(x3.dtype, path))
+    assert not mean[0].isfinite() and not var[0].isfinite()
+    assert not mean[2].isfinite() and not var[2].isfinite()
+    assert mean[1].isfinite() and var[1].isfinite()
+
+
 @grid("layout", LAYOUTS)
 def test_gradient_layout_mismatch(layout):
     """dy in the other layout, or expanded (stride 0), is read correctly."""

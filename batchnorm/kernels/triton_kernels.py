@@ -85,6 +85,12 @@ def _store_output(z, y_ptr, res_ptr, offs, mask, HAS_RES: tl.constexpr, RELU: tl
 
 
 @triton.jit
+def _clamp_var(v):
+    """``max(v, 0)`` against rounding below zero; a NaN stays NaN (GPU max would drop it)."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
 def _first(cmask, g):
     """``cmask`` in program ``g == 0`` of a channel block, all false elsewhere."""
     return cmask & ((cmask.to(tl.int32) * 0 + g) == 0)  # a vector: the interpreter needs one
@@ -167,7 +173,7 @@ def forward_channel_kernel(
                 sum1 += d
                 sum2 += d * d
             dmean = _sum3(sum1) / m
-            var = tl.maximum(_sum3(sum2) / m - dmean * dmean, 0.0)
+            var = _clamp_var(_sum3(sum2) / m - dmean * dmean)
             scale, bias = _affine(dmean, var, s, eps, c, cmask, w_ptr, b_ptr, mean_ptr,
                                   rstd_ptr, var_ptr, 0, HAS_W, HAS_B, ACC)
             for u in range(0, UNITS):
@@ -229,7 +235,7 @@ def normalize_kernel(
     s = tl.load(x_ptr + c * s_c, mask=cmask, other=0.0).to(ACC)
     sum1, sum2 = _merge(part_ptr, c, cmask, C, G, BG, BC)
     dmean = sum1 / m
-    var = tl.maximum(sum2 / m - dmean * dmean, 0.0)
+    var = _clamp_var(sum2 / m - dmean * dmean)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     scale, bias = _affine(dmean, var, s, eps, c, cmask, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                           var_ptr, g, HAS_W, HAS_B, ACC)
