@@ -316,7 +316,7 @@ def _ema(running, batch, factor):
 @grid("running_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_update_running_stats(momentum, running_dtype):
     g = torch.Generator().manual_seed(8)
-    c, m = 37, 12  # more channels than one block of the kernel when BC is small
+    c, m = 1500, 12  # more channels than one 1024-wide block of the kernel
     running_mean = torch.randn(c, generator=g, dtype=running_dtype)
     running_var = torch.rand(c, generator=g, dtype=running_dtype) + 0.5
     count = torch.tensor(4)
@@ -376,6 +376,9 @@ def test_refuses_what_it_cannot_run():
     assert not bt.supports(torch.zeros(2, 3, 8)[:, :, ::2], None, False)  # strided positions
     assert not bt.supports(torch.zeros(0, 3, 4), None, False)
     assert not bt.supports(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), False)
+    overlapping = torch.zeros(16).as_strided((2, 3, 4), (4, 1, 1))  # rows share memory
+    assert not bt.supports(overlapping, None, False)
+    assert bt.supports(torch.zeros(2, 4, 6)[:, :, :3].transpose(1, 2), None, False)  # row gaps
     with pytest.raises(ValueError, match="contiguous or channels-last"):
         bt.forward_train(torch.zeros(2, 3, 8)[:, :, ::2], None, None, EPS)
     with pytest.raises(ValueError, match="resident path"):

@@ -121,14 +121,15 @@ class _View:
 
 
 def _view(x3: Tensor) -> _View | None:
-    """The kernels' view of ``x3``, or ``None`` when it is in neither layout (size-1 dims may
-    have any stride)."""
+    """The kernels' view of ``x3``, or ``None`` when it is in neither layout. Size-1 dims may
+    have any stride and rows may have gaps, but no two elements may share memory: outputs
+    are allocated with ``x3``'s strides."""
     (n, c, span), (s_n, s_c, s_l) = x3.shape, x3.stride()
-    if span == 1 and (s_c == 1 or c == 1):
+    if span == 1 and (s_c == 1 or c == 1) and (s_n >= c or n == 1):
         return _View(n, c, 1, s_n, 1, True)
     if s_l == 1 and (s_c == span or c == 1) and (s_n == c * span or n == 1):
         return _View(n, c, span, s_n, s_c, False)
-    if (s_c == 1 or c == 1) and (s_n == span * s_l or n == 1):
+    if (s_c == 1 or c == 1) and s_l >= c and (s_n == span * s_l or n == 1):
         return _View(n * span, c, 1, s_l, 1, True)
     return None
 
