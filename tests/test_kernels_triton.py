@@ -336,9 +336,10 @@ def test_update_running_stats(momentum, running_dtype):
 @grid("bad", ["nan_mean", "inf_var", "neg_inf_mean"])
 @grid("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
 def test_non_finite_batch_changes_nothing(bad, momentum):
-    running_mean, running_var, count = torch.randn(5), torch.rand(5) + 0.5, torch.tensor(7)
-    mean, var = torch.randn(5), torch.rand(5)
-    {"nan_mean": mean, "inf_var": var, "neg_inf_mean": mean}[bad][3] = {
+    c = 1500  # the bad channel sits in the kernel's second 1024-wide block
+    running_mean, running_var, count = torch.randn(c), torch.rand(c) + 0.5, torch.tensor(7)
+    mean, var = torch.randn(c), torch.rand(c)
+    {"nan_mean": mean, "inf_var": var, "neg_inf_mean": mean}[bad][1400] = {
         "nan_mean": float("nan"), "inf_var": float("inf"), "neg_inf_mean": -float("inf")}[bad]
     before = running_mean.clone(), running_var.clone()
     bt.update_running_stats(running_mean, running_var, count, mean, var, 8, momentum)
