@@ -2,8 +2,8 @@
 
 The kernels run under Triton's interpreter. ``@triton.jit`` reads ``TRITON_INTERPRET`` when a
 kernel is *defined*, so this module sets it before importing the kernels, and reloads the
-kernels module if another test imported it first without the variable (``test_interpreter_on``
-checks that it took effect). The setting stays for the rest of the pytest process; no other test
+kernel modules if another test imported them first without it (``test_interpreter_on`` checks
+that it took effect). The setting stays for the rest of the pytest process; no other test
 uses Triton on a GPU.
 
 Truths: ``torch.nn.functional.batch_norm`` and its autograd in float64 on the same (rounded)
@@ -11,15 +11,12 @@ values; a closed-form EMA for the running statistics. Shapes are tiny and odd (C
 L = 1, N·L = 2, 2D, 5D), and a small-tile ``Config`` forces every path (resident, looped, split)
 to cut the channel slices into several tiles and split programs.
 
-A last test compiles the real launches for an sm_90 GPU (no GPU needed), which the interpreter
-does not: it catches code that interprets but does not compile.
+``test_kernels_triton_compile.py`` compiles the same kernels for a GPU, which the interpreter
+never does.
 """
 
 import importlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 from unittest import mock
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined; see the module docstring
@@ -32,7 +29,8 @@ from tolerances import TOL, assert_close  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed: the GPU kernels are optional")
 bt = pytest.importorskip("batchnorm.kernels.triton")
 if not bt.interpreted():  # imported earlier without TRITON_INTERPRET: define the kernels again
-    importlib.reload(importlib.import_module("batchnorm.kernels.triton_kernels"))
+    for name in ("triton_kernels", "triton_backward_kernels"):  # helpers first, then users
+        importlib.reload(importlib.import_module(f"batchnorm.kernels.{name}"))
 
 EPS = 1e-5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -424,92 +422,3 @@ def test_functional_end_to_end():
     y_eval = batch_norm(x, *running, weight, bias, training=False, backend="triton")
     assert_close(y_eval, F.batch_norm(x.double(), *running_true, weight.double(), bias.double(),
                                       training=False, eps=EPS), msg="inference")
-
-
-# Runs in a fresh interpreter without TRITON_INTERPRET: records the launches the backend makes
-# for meta tensors (no memory, no device) and compiles each distinct one for sm_90, with the
-# argument specialization Triton applies at launch (ints equal to 1 become constants, multiples
-# of 16 are marked divisible, pointers aligned). Exit code 3: no CUDA compiler in this Triton.
-_COMPILE_SCRIPT = """
-import sys, torch
-try:
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    assert "nvidia" in backends
-except Exception as error:
-    print(error); sys.exit(3)
-from batchnorm.kernels import triton as bt, triton_kernels as tk
-
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-         torch.float64: "fp64", torch.int64: "i64"}
-bt._device_info = lambda device: (132, 50 << 20)
-done = set()
-
-def compiler(kernel):
-    def launch(*args, num_warps=4, **constexprs):
-        values = dict(zip(kernel.arg_names, args), **constexprs)
-        signature, constants, attrs = {}, {}, {}
-        for i, param in enumerate(kernel.params):
-            value = values[param.name]
-            if param.is_constexpr or (type(value) is int and value == 1):
-                signature[param.name], constants[param.name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                signature[param.name] = "*" + TYPES[value.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(value, float):
-                signature[param.name] = "fp32"
-            else:
-                signature[param.name] = "i32"
-                if value % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        key = (kernel.__name__, str(sorted(signature.items())), str(sorted(constants.items())),
-               str(sorted(attrs)), num_warps)
-        if key not in done:
-            done.add(key)
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-            triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": num_warps})
-    return type("Grid", (), {"__getitem__": lambda self, grid: launch})()
-
-for name in dir(tk):
-    if name.endswith("_kernel"):
-        setattr(tk, name, compiler(getattr(tk, name)))
-# Every path in both layouts in float32; the split and resident paths in bfloat16.
-for dtype, paths in ((torch.float32, ("resident", "looped", "split")),
-                     (torch.bfloat16, ("resident", "split"))):
-    for shape, channels_last in (((16, 32, 64), False), ((8, 32, 7), True)):
-        x = torch.empty(shape, dtype=dtype, device="meta")
-        if channels_last:
-            x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        w = torch.empty(shape[1], dtype=dtype, device="meta")
-        for path in paths:
-            config = bt.Config(path=path)
-            y, mean, rstd, var = bt.forward_train(x, w, w, 1e-5, x, True, config=config)
-            bt.backward(x, x, y, mean, rstd, w, True, need_dres=True, config=config)
-        bt.forward_eval(x, mean, mean, x, True)
-    bt.backward(x, x, None, mean, rstd, None, False, config=bt.Config(path="split"))
-x = torch.empty(8, 3, 5, dtype=torch.float64, device="meta")
-y, mean, rstd, var = bt.forward_train(x, None, None, 1e-5, config=bt.Config(path="split"))
-bt.backward(x, x, None, mean, rstd, None, True, config=bt.Config(path="split"))
-stats = torch.empty(3, device="meta")
-bt.update_running_stats(stats, stats, torch.empty((), dtype=torch.int64, device="meta"), stats,
-                        stats, 10, None)
-bt.update_running_stats(stats, stats, None, stats, stats, 10, 0.1)
-print(len(done), "kernels compiled")
-"""
-
-
-def test_kernels_compile_for_a_gpu():
-    """The interpreter runs Python; this compiles the same launches for an sm_90 GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default of the Triton versions we target
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    if result.returncode == 3:
-        pytest.skip(f"this Triton cannot compile for CUDA here: {result.stdout.strip()}")
-    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
-    assert "kernels compiled" in result.stdout

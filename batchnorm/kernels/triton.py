@@ -2,7 +2,9 @@
 
 Same functions and signatures as ``batchnorm._eager`` (the specification), on the canonical
 ``(N, C, L)`` view, read and written in place in either layout; the kernels and their math are
-in ``batchnorm.kernels.triton_kernels``. Each call takes one of three paths (``_plan``):
+in ``batchnorm.kernels.triton_kernels`` (forward, running statistics) and
+``batchnorm.kernels.triton_backward_kernels`` (gradients). Each call takes one of three paths
+(``_plan``):
 
 * ``"resident"``: a channel block's whole slice fits one tile, so each program reads it once,
   keeps it in registers for the statistics and writes the output: 2 passes over memory forward
@@ -16,7 +18,7 @@ in ``batchnorm.kernels.triton_kernels``. Each call takes one of three paths (``_
 
 Nothing here synchronizes with the host or allocates by data (CUDA-graph safe). Triton is
 imported on first use only. On CPU tensors the kernels run under Triton's interpreter, which
-needs ``TRITON_INTERPRET=1`` in the environment before ``triton_kernels`` is first imported.
+needs ``TRITON_INTERPRET=1`` in the environment before the kernel modules are first imported.
 """
 
 from __future__ import annotations
@@ -99,10 +101,17 @@ def _kernels():
     return triton_kernels
 
 
+def _backward_kernels():
+    from batchnorm.kernels import triton_backward_kernels
+
+    return triton_backward_kernels
+
+
 def interpreted() -> bool:
     """Whether the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` was set
-    when ``triton_kernels`` was imported); only then can they take CPU tensors."""
-    return type(_kernels().eval_kernel).__name__ == "InterpretedFunction"
+    when the kernel modules were imported); only then can they take CPU tensors."""
+    kernels = (_kernels().eval_kernel, _backward_kernels().grad_input_kernel)
+    return all(type(k).__name__ == "InterpretedFunction" for k in kernels)
 
 
 @dataclass(frozen=True)
@@ -358,7 +367,7 @@ def backward(
     view = _checked_view(x3)
     streams = 2 if y3 is None else 3
     plan = _plan(view, x3.element_size(), streams, x3.device, config or DEFAULT)
-    kernels, acc = _kernels(), mean.dtype
+    kernels, acc = _backward_kernels(), mean.dtype
     dy3, y3 = _matched(dy3, x3, view), _matched(y3, x3, view)
     dx3 = _empty_like(x3) if need_dx else None
     dres3 = _empty_like(x3) if need_dres else None
