@@ -91,7 +91,8 @@ def batch_norm(
     if residual is not None:
         residual = _ops.like_layout(residual, x)
     relu = activation == "relu"
-    name = _ops.resolve_backend(backend, _ops.as_ncl(x), residual, relu)
+    residual3 = None if residual is None else _ops.as_ncl(residual)
+    name = _ops.resolve_backend(backend, _ops.as_ncl(x), residual3, relu)
     if not training:
         return _ops.BatchNormEval.apply(
             x, weight, bias, running_mean, running_var, residual, eps, relu, name)
