@@ -13,7 +13,6 @@ the canonical ``(N, C, L)`` view of its tensors to that backend's module.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from types import ModuleType
@@ -22,15 +21,17 @@ import torch
 from torch import Tensor
 
 from batchnorm import _eager
+from batchnorm.kernels import cpu as cpu_backend
+from batchnorm.kernels import triton as triton_backend
 
 BACKENDS = ("auto", "eager", "numba", "triton")
-_MODULES = {"eager": "batchnorm._eager", "numba": "batchnorm.kernels.cpu",
-            "triton": "batchnorm.kernels.triton"}
+# The kernel modules import their libraries (numba, triton) only when a kernel first runs.
+_MODULES = {"eager": _eager, "numba": cpu_backend, "triton": triton_backend}
 _EXTRAS = {"numba": "pip install numba", "triton": "pip install triton"}
 
 
 def backend_module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+    return _MODULES[name]
 
 
 def resolve_backend(
