@@ -2,11 +2,12 @@
 
 Same functions and signatures as ``batchnorm._eager`` (the specification), on the canonical
 ``(N, C, L)`` view. The tensors are handed to the kernels of ``batchnorm.kernels.cpu_kernels``
-as NumPy views of their own memory, read and written in place:
+(forward) and ``cpu_kernels_backward`` as NumPy views of their own memory, read and written in
+place, in one of two loop orders (``loop_order``):
 
-* contiguous ``(N, C, L)`` input is passed as it is (one parallel task per channel);
-* channels-last input (strides ``(L*C, 1, C)``) is passed as its ``(N*L, C)`` rows, a view of
-  the transpose; ``L == 1`` takes this path too, as its rows are contiguous either way.
+* ``"ncl"``: contiguous input as it is, one parallel task per block of channels;
+* ``"rows"``: channels-last input (strides ``(L*C, 1, C)``) as its ``(N*L, C)`` rows, a view of
+  the transpose; ``L == 1`` takes this order too, as its rows are contiguous either way.
 
 Outputs come back in the input's layout. numba is optional: this module imports without it
 (``available()`` is then ``False``), numba is imported on the first kernel call, and each kernel
@@ -27,7 +28,9 @@ from torch import Tensor
 from batchnorm import _eager
 
 DTYPES = (torch.float32, torch.float64)
-NCL, ROWS = "ncl", "rows"  # the two layouts the kernels read, see the module docstring
+NCL, ROWS = "ncl", "rows"  # the loop orders, see the module docstring
+RUN = 256  # ncl: values per contiguous run at least (1 KiB of float32 streams well) ...
+MIN_BLOCKS = 16  # ... unless that leaves fewer channel blocks than this for threads to share
 # Inputs with fewer elements run on one thread: waking the thread pool costs more than the
 # second thread saves (and waits for a timeslice when the machine is busy). Results are
 # bitwise the same either way (the kernels' partitions do not depend on the thread count).
@@ -48,16 +51,15 @@ def available() -> bool:
     return True
 
 
-def layout(x3: Tensor) -> str | None:
+def loop_order(x3: Tensor) -> str | None:
     """``"ncl"``, ``"rows"`` (channels-last), or ``None`` when ``x3`` is in neither layout.
 
-    >>> layout(torch.zeros(2, 3, 4)), layout(torch.zeros(2, 4, 3).transpose(1, 2))
+    >>> loop_order(torch.zeros(2, 3, 4)), loop_order(torch.zeros(2, 4, 3).transpose(1, 2))
     ('ncl', 'rows')
-    >>> layout(torch.zeros(2, 3, 8)[:, :, ::2]) is None
+    >>> loop_order(torch.zeros(2, 3, 8)[:, :, ::2]) is None
     True
     """
-    rows = x3.transpose(1, 2).is_contiguous()
-    if rows and (x3.shape[2] == 1 or not x3.is_contiguous()):
+    if x3.transpose(1, 2).is_contiguous() and (x3.shape[2] == 1 or not x3.is_contiguous()):
         return ROWS
     return NCL if x3.is_contiguous() else None
 
@@ -77,7 +79,7 @@ def supports(x3: Tensor, residual3: Tensor | None, relu: bool) -> bool:
         and x3.numel() > 0
         and residual3 is None
         and not relu
-        and layout(x3) is not None
+        and loop_order(x3) is not None
     )
 
 
@@ -89,13 +91,15 @@ def _check(x3: Tensor, residual3: Tensor | None = None, relu: bool = False) -> s
             f"{residual3 is not None}, relu={relu}); it runs non-empty float32/float64 CPU "
             "tensors, contiguous or channels-last, without residual or ReLU. Check supports() "
             "first, or use the eager backend")
-    return layout(x3)
+    return loop_order(x3)
 
 
-def _kernels():
-    from batchnorm.kernels import cpu_kernels  # imports numba: only when a kernel first runs
+def _kernel(name: str):
+    # Imports numba, only when a kernel first runs.
+    from batchnorm.kernels import cpu_kernels, cpu_kernels_backward
 
-    return cpu_kernels
+    module = cpu_kernels_backward if name.startswith("backward") else cpu_kernels
+    return getattr(module, name)
 
 
 @contextlib.contextmanager
@@ -114,14 +118,27 @@ def _threads_for(numel: int):
         numba.set_num_threads(previous)
 
 
+def channel_block(channels: int, length: int) -> int:
+    """Channels per parallel task of the ``ncl`` kernels.
+
+    One when rows are long; with short rows, enough channels to read runs of ``RUN`` values in
+    memory order (short runs a stride apart stall on memory), but at most ``C / MIN_BLOCKS``.
+    A function of the shape only, so results never depend on the thread count.
+
+    >>> channel_block(64, 3136), channel_block(512, 49), channel_block(3, 7)
+    (1, 6, 1)
+    """
+    return max(1, min(-(-RUN // length), channels // MIN_BLOCKS))
+
+
 def _array(t3: Tensor, kind: str) -> np.ndarray:
-    """The NumPy array a kernel reads for ``t3``: itself (``ncl``) or its rows (``rows``).
+    """The NumPy array a kernel reads for ``t3``: itself (``"ncl"``) or its rows (``"rows"``).
 
     A view of ``t3``'s memory when ``t3`` is in that layout; a copy otherwise (a gradient may
     arrive in another layout than the input's).
     """
     t3 = t3.detach()
-    if kind == NCL:
+    if kind != ROWS:
         return t3.contiguous().numpy()
     n, c, length = t3.shape
     return t3.transpose(1, 2).reshape(n * length, c).numpy()
@@ -137,7 +154,7 @@ def _empty(x3: Tensor, kind: str) -> Tensor:
     """
     n, c, length = x3.shape
     dtype = np.float32 if x3.dtype == torch.float32 else np.float64
-    if kind == NCL:
+    if kind != ROWS:
         return torch.from_numpy(np.empty((n, c, length), dtype))
     return torch.from_numpy(np.empty((n, length, c), dtype)).transpose(1, 2)
 
@@ -179,12 +196,13 @@ def forward_train(
     acc = _eager.acc_dtype(x3.dtype)
     y3 = _empty(x3, kind)
     mean, rstd, var = (torch.empty(channels, dtype=acc) for _ in range(3))
-    kernels = _kernels()
-    kernel = kernels.forward_train_ncl if kind == NCL else kernels.forward_train_rows
+    args = [_array(x3, kind), _per_channel(weight, channels, 1.0),
+            _per_channel(bias, channels, 0.0), float(eps), _array(y3, kind),
+            mean.numpy(), rstd.numpy(), var.numpy()]
+    if kind == NCL:
+        args.append(channel_block(channels, x3.shape[2]))
     with _threads_for(x3.numel()):
-        kernel(_array(x3, kind), _per_channel(weight, channels, 1.0),
-               _per_channel(bias, channels, 0.0), float(eps), _array(y3, kind),
-               mean.numpy(), rstd.numpy(), var.numpy())
+        _kernel("forward_train_" + kind)(*args)
     return y3, mean, rstd, var
 
 
@@ -211,8 +229,7 @@ def forward_eval(
     """
     kind = _check(x3, residual3, relu)
     y3 = _empty(x3, kind)
-    kernels = _kernels()
-    kernel = kernels.forward_eval_ncl if kind == NCL else kernels.forward_eval_rows
+    kernel = _kernel("forward_eval_" + kind)
     scale, shift = (v.detach().to(x3.dtype).contiguous().numpy() for v in (scale, shift))
     with _threads_for(x3.numel()):
         kernel(_array(x3, kind), scale, shift, _array(y3, kind))
@@ -264,10 +281,11 @@ def backward(
     dx3 = _empty(x3, kind) if need_dx else None
     x = _array(x3, kind)
     dx = _array(dx3, kind) if need_dx else np.empty((0,) * x.ndim, x.dtype)
-    kernels = _kernels()
-    kernel = kernels.backward_ncl if kind == NCL else kernels.backward_rows
+    args = [_array(dy3.to(x3.dtype), kind), x, mean.detach().contiguous().numpy(),
+            rstd.detach().contiguous().numpy(), _per_channel(weight, channels, 1.0),
+            bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy()]
+    if kind == NCL:
+        args.append(channel_block(channels, x3.shape[2]))
     with _threads_for(x3.numel()):
-        kernel(_array(dy3.to(x3.dtype), kind), x, mean.detach().contiguous().numpy(),
-               rstd.detach().contiguous().numpy(), _per_channel(weight, channels, 1.0),
-               bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy())
+        _kernel("backward_" + kind)(*args)
     return dx3, dweight, dbias, None

@@ -1,0 +1,179 @@
+"""Compiled CPU kernels (numba) for the batch-norm backward: two sums in one pass, then ``dx``.
+
+The loop orders (``ncl`` channel blocks, ``rows`` chunks) and the numerical rules are those of
+``batchnorm.kernels.cpu_kernels``. With ``x_hat = (x - mean) * rstd``,
+``a = weight * rstd`` and ``m = N * L`` values per channel:
+
+    dbias   = sum(dy)
+    dweight = sum(dy * x_hat) = rstd * sum(dy * (x - mean))
+    dx      = a * (dy - dbias / m - x_hat * dweight / m)           (training)
+            = a * dy + b * (x - mean) + c0,   b = -a * rstd * dweight / m,  c0 = -a * dbias / m
+    dx      = a * dy                                                (inference)
+
+The two sums read ``x`` and ``dy`` once, in float64; ``dx`` is a second pass (from the cache
+for the ``ncl`` order) in the input's dtype, where ``x - mean`` cancels exactly for values
+near the mean. In inference ``x`` does not enter ``dx`` at all, so an inf in ``x`` leaves it
+finite, as in the eager specification.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from batchnorm.kernels.cpu_kernels import (
+    CHUNKS,
+    JIT,
+    SUM_FLAGS,
+    chunk,
+    njit,
+    prange,
+)
+
+
+@njit(fastmath=SUM_FLAGS, **JIT)
+def grad_sums(dy, x, mu):
+    """``(sum(dy), sum(dy * (x - mu)))`` over 1-D arrays, in float64."""
+    s_dy = 0.0
+    s_dyx = 0.0
+    for i in range(x.shape[0]):
+        g = np.float64(dy[i])
+        s_dy += g
+        s_dyx += g * (np.float64(x[i]) - mu)
+    return s_dy, s_dyx
+
+
+@njit(**JIT)
+def grad_input(dy, x, mean, a, b, c0, training, dx):
+    """``dx = a * dy + b * (x - mean) + c0`` (training) or ``a * dy`` over 1-D arrays."""
+    if training:
+        for i in range(x.shape[0]):
+            dx[i] = dy[i] * a + (x[i] - mean) * b + c0
+    else:
+        for i in range(x.shape[0]):
+            dx[i] = dy[i] * a
+
+
+@njit(**JIT)
+def coefficients(s_dy, s_dyx, m, mean, rstd, weight):
+    """``(dweight, a, b, c0)`` of the module docstring from the two sums of one channel."""
+    r = np.float64(rstd)
+    a = weight * r
+    dweight = s_dyx * r
+    return dweight, a, -a * r * dweight / m, -a * s_dy / m
+
+
+@njit(**JIT)
+def finish_grads(partial, m, mean, rstd, weight, dweight, dbias, coef):
+    """Merge per-chunk sums in chunk order; fill ``coef = (mean, a, b, c0)`` in its dtype."""
+    for c in range(partial.shape[2]):
+        s_dy = 0.0
+        s_dyx = 0.0
+        for k in range(partial.shape[0]):
+            s_dy += partial[k, 0, c]
+            s_dyx += partial[k, 1, c]
+        dbias[c] = s_dy
+        dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
+            s_dy, s_dyx, m, mean[c], rstd[c], weight[c])
+        coef[0, c] = mean[c]
+
+
+@njit(parallel=True, **JIT)
+def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias, block):
+    """Gradients on contiguous ``(N, C, L)`` arrays, one task per channel block.
+
+    Args:
+        dy, x: ``(N, C, L)`` C-contiguous, one dtype.
+        mean, rstd: ``(C,)`` saved statistics; weight: ``(C,)`` float64 (ones for none).
+        training: whether ``dx`` flows through the batch statistics.
+        need_dx: whether to write ``dx`` (an ``(N, C, L)`` array, else unused).
+        dweight, dbias: ``(C,)`` outputs.
+        block: channels per parallel task (the last block may hold fewer).
+
+    >>> x = np.array([[[1.0, 3.0]], [[5.0, 7.0]]])
+    >>> dy, dx, dw, db = np.ones_like(x), np.empty_like(x), np.empty(1), np.empty(1)
+    >>> args = np.array([4.0]), np.array([0.5]), np.ones(1)
+    >>> backward_ncl(dy, x, *args, True, True, dx, dw, db, 1)
+    >>> db.tolist(), dw.tolist(), dx.ravel().tolist()
+    ([4.0], [0.0], [0.0, 0.0, 0.0, 0.0])
+    >>> backward_ncl(x - 4.0, x, *args, False, True, dx, dw, db, 1)
+    >>> db.tolist(), dw.tolist(), dx.ravel().tolist()
+    ([0.0], [10.0], [-1.5, -0.5, 0.5, 1.5])
+    """
+    n_batch, channels, length = x.shape
+    coef = np.empty((4, channels), x.dtype)  # mean, a, b, c0 in x's dtype
+    for j in prange((channels + block - 1) // block):
+        c0 = j * block
+        c1 = min(c0 + block, channels)
+        sums = np.zeros((2, c1 - c0))  # this task's own: no cache line shared with another
+        for n in range(n_batch):
+            for c in range(c0, c1):
+                t_dy, t_dyx = grad_sums(dy[n, c], x[n, c], np.float64(mean[c]))
+                sums[0, c - c0] += t_dy
+                sums[1, c - c0] += t_dyx
+        for c in range(c0, c1):
+            dbias[c] = sums[0, c - c0]
+            dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
+                sums[0, c - c0], sums[1, c - c0], n_batch * length, mean[c], rstd[c], weight[c])
+            coef[0, c] = mean[c]
+        if need_dx:
+            for n in range(n_batch):  # from the cache when the block's slice fits
+                for c in range(c0, c1):
+                    grad_input(dy[n, c], x[n, c], coef[0, c], coef[1, c], coef[2, c],
+                               coef[3, c], training, dx[n, c])
+
+
+@njit(**JIT)
+def _grad_sums_rows(dy, x, start, stop, mu, s_dy, s_dyx):
+    """Add ``dy`` and ``dy * (x - mu)``, per channel, over rows ``[start, stop)``."""
+    for r in range(start, stop):
+        g_row = dy[r]
+        x_row = x[r]
+        for c in range(x_row.shape[0]):
+            g = np.float64(g_row[c])
+            s_dy[c] += g
+            s_dyx[c] += g * (np.float64(x_row[c]) - mu[c])
+
+
+@njit(**JIT)
+def _grad_input_rows(dy, x, start, stop, coef, training, dx):
+    """``dx`` over rows ``[start, stop)``; ``coef`` rows: mean, a, b, c0."""
+    mean, a, b, c0 = coef[0], coef[1], coef[2], coef[3]
+    for r in range(start, stop):
+        g_row = dy[r]
+        x_row = x[r]
+        out = dx[r]
+        if training:
+            for c in range(x_row.shape[0]):
+                out[c] = g_row[c] * a[c] + (x_row[c] - mean[c]) * b[c] + c0[c]
+        else:
+            for c in range(x_row.shape[0]):
+                out[c] = g_row[c] * a[c]
+
+
+@njit(parallel=True, **JIT)
+def backward_rows(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias):
+    """Gradients on channels-last ``(R, C)`` rows: chunked partial sums, merge, then ``dx``.
+
+    Arguments as :func:`backward_ncl` (no ``block``), with ``dy``, ``x`` and ``dx`` of shape
+    ``(R, C)``.
+
+    >>> x = np.array([[1.0], [3.0], [5.0], [7.0]])
+    >>> dy, dx, dw, db = x - 4.0, np.empty_like(x), np.empty(1), np.empty(1)
+    >>> args = np.array([4.0]), np.array([0.5]), np.ones(1)
+    >>> backward_rows(dy, x, *args, False, True, dx, dw, db)
+    >>> db.tolist(), dw.tolist(), dx.ravel().tolist()
+    ([0.0], [10.0], [-1.5, -0.5, 0.5, 1.5])
+    """
+    rows, channels = x.shape
+    n_chunks = min(rows, CHUNKS)
+    mu = mean.astype(np.float64)
+    partial = np.zeros((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        _grad_sums_rows(dy, x, start, stop, mu, partial[k, 0], partial[k, 1])
+    coef = np.empty((4, channels), x.dtype)  # mean, a, b, c0 in x's dtype
+    finish_grads(partial, rows, mean, rstd, weight, dweight, dbias, coef)
+    if need_dx:
+        for k in prange(n_chunks):
+            start, stop = chunk(k, n_chunks, rows)
+            _grad_input_rows(dy, x, start, stop, coef, training, dx)
