@@ -10,13 +10,21 @@ from batchnorm import functional, reference
 from batchnorm.convert import convert
 from batchnorm.fold import fold
 from batchnorm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+)
 from batchnorm.recalibrate import recalibrate
 from batchnorm.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from batchnorm.sync import SyncBatchNorm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
+    "BatchNormAct3d", "BatchRenorm1d", "BatchRenorm2d",
     "BatchRenorm3d", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
     "SyncBatchNorm", "convert", "fold", "freeze", "functional", "recalibrate", "reference",
 ]

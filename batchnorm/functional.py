@@ -145,7 +145,7 @@ def _check(x, running_mean, running_var, weight, bias, training, momentum, eps,
     for name, t in (("weight", weight), ("bias", bias)):
         _check_vector(name, t, x, channels, exact_dtype=True)
     if residual is not None:
-        _check_residual(residual, x)
+        check_residual(residual, x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not eps >= 0:
@@ -184,7 +184,7 @@ def _check_vector(name: str, t: Tensor | None, x: Tensor, channels: int, exact_d
                         f"them, e.g. module.to({x.dtype}) or input.to({t.dtype})")
 
 
-def _check_residual(residual: Tensor, x: Tensor) -> None:
+def check_residual(residual: Tensor, x: Tensor) -> None:
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:

@@ -109,15 +109,20 @@ class _NormBase(nn.Module):
 class _BatchNorm(_NormBase):
     """Chooses the statistics of a forward the way torch does, then normalizes."""
 
+    activation: str | None = None  # applied after normalizing, fused; set by BatchNormAct*d
+
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input, None)
+
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
         k = self.virtual_batch_size
         if self.training and k is not None and input.shape[0] > k:
-            return self._ghost_forward(input, k)
-        return self._normalize(input)
+            return self._ghost_forward(input, residual, k)
+        return self._normalize(input, residual)
 
-    def _ghost_forward(self, input: Tensor, k: int) -> Tensor:
+    def _ghost_forward(self, input: Tensor, residual: Tensor | None, k: int) -> Tensor:
         """Ghost batch norm: each chunk of ``k`` samples along dim 0 is a batch of its own.
 
         The last chunk holds the remaining ``N mod k`` samples when ``k`` does not divide ``N``.
@@ -131,9 +136,14 @@ class _BatchNorm(_NormBase):
                 f"last one has {last} sample(s), 1 value per channel (input shape "
                 f"{tuple(input.shape)}); use a batch size whose last chunk keeps at least 2 "
                 "values per channel, e.g. a multiple of a virtual_batch_size >= 2")
-        return torch.cat([self._normalize(chunk) for chunk in input.split(k)])
+        chunks = input.split(k)
+        if residual is None:
+            return torch.cat([self._normalize(chunk) for chunk in chunks])
+        F.check_residual(residual, input)
+        return torch.cat([self._normalize(chunk, res)
+                          for chunk, res in zip(chunks, residual.split(k), strict=True)])
 
-    def _normalize(self, input: Tensor) -> Tensor:
+    def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         # Batch statistics in training, and in inference when there are no running ones.
         use_batch_stats = self.training or (self.running_mean is None
                                             and self.running_var is None)
@@ -150,6 +160,8 @@ class _BatchNorm(_NormBase):
             self.momentum,
             self.eps,
             num_batches_tracked=counter,
+            activation=self.activation,
+            residual=residual,
         )
 
     def _check_channels(self, input: Tensor) -> None:
@@ -243,3 +255,63 @@ _fill_doc(BatchNorm2d, "4D", "the batch and all ``H * W`` positions (``m' = m p 
           "``(N, C, H, W)``", "4, 3, 5, 5")
 _fill_doc(BatchNorm3d, "5D", "the batch and all ``D * H * W`` positions",
           "``(N, C, D, H, W)``", "2, 3, 2, 4, 4")
+
+
+class _Act:
+    """Batch norm followed by a fused activation, with an optional residual added before it."""
+
+    def __init__(self, num_features: int, *args, activation: str | None = "relu", **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        if activation not in F.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {F.ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._forward(input, residual)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNormAct1d(_Act, BatchNorm1d):
+    pass
+
+
+class BatchNormAct2d(_Act, BatchNorm2d):
+    pass
+
+
+class BatchNormAct3d(_Act, BatchNorm3d):
+    pass
+
+
+_ACT_DOC = r"""``{base}`` fused with its activation: ``act(BN(x) + residual)`` in one pass.
+
+    The block ``BN -> (+ residual) -> ReLU`` that ends most convolutional units, computed by one
+    kernel forward and one backward where the backend has them (Triton), so the normalized
+    tensor and the sum are never written out. State, arguments and checkpoints are
+    ``{base}``'s.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
+            virtual_batch_size: as ``{base}``.
+        activation: ``"relu"``, or ``None`` for none. Default: ``"relu"``.
+
+    Call it as ``layer(input)`` or ``layer(input, residual)``, with ``residual`` a tensor of
+    the input's shape, dtype and device.
+
+    Examples::
+
+        >>> import torch
+        >>> from batchnorm import {name}
+        >>> layer = {name}(3)
+        >>> x, shortcut = torch.randn({example}), torch.randn({example})
+        >>> y = layer(x, shortcut)
+        >>> bool((y >= 0).all()), tuple(y.shape)
+        (True, ({example}))
+    """
+
+for _cls, _example in ((BatchNormAct1d, "4, 3, 7"), (BatchNormAct2d, "4, 3, 5, 5"),
+                       (BatchNormAct3d, "2, 3, 2, 4, 4")):
+    _cls.__doc__ = _ACT_DOC.format(name=_cls.__name__, base=_cls.__mro__[2].__name__,
+                                   example=_example)
