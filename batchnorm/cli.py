@@ -77,11 +77,12 @@ def _reproduce(args: argparse.Namespace, argv: list[str]) -> int:
     from batchnorm.experiments.training import to_tensors
 
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-    modules = {name: importlib.import_module(f"batchnorm.experiments.{EXPERIMENTS[name][0]}")
-               for name in names}
+    every = {name: importlib.import_module(f"batchnorm.experiments.{module}")
+             for name, (module, _) in EXPERIMENTS.items()}
+    modules = {name: every[name] for name in names}
     try:
         overrides = config.split_overrides(args.overrides,
-                                           {n: m.Config for n, m in modules.items()})
+                                           {n: m.Config for n, m in every.items()}, names)
         configs = {name: config.resolve(module.Config, module.QUICK if args.quick else None,
                                         overrides[name])
                    for name, module in modules.items()}

@@ -30,6 +30,8 @@ def _same_batch(m: int, cfg) -> tuple[int, dict]:
     return m, {}
 
 
+LABELS = {"bn": "BN", "none": "no normalization"}  # legend names; other norms show their key
+
 # name -> (m, config) -> (training batch size, normalization-layer options) for m examples per
 # normalization batch; the layer itself comes from models.NORMS under the same name.
 SCHEMES = {"bn": _same_batch, "none": _same_batch}
@@ -143,7 +145,7 @@ def figures(results: dict, directory) -> list[str]:
         rows = [r for r in results["accuracy"] if r["norm"] == norm]
         right.semilogx([r["batch_size"] for r in rows],
                        [np.nan if r["test_accuracy"] is None else r["test_accuracy"]
-                        for r in rows], "o-", base=2, label=norm)
+                        for r in rows], "o-", base=2, label=LABELS.get(norm, norm))
     right.set(xlabel="examples per normalization batch", ylabel="test accuracy",
               title="(b) test accuracy against batch size")
     right.legend(fontsize=8)

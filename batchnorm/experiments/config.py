@@ -53,33 +53,43 @@ def parse_value(text: str, annotation, key: str):
     raise ConfigError(f"{key}: cannot be set from the command line (type {annotation})")
 
 
-def split_overrides(items: Iterable[str], configs: Mapping[str, type]) -> dict[str, dict]:
-    """Assign each ``[EXPERIMENT.]KEY=VALUE`` to the experiments in ``configs`` it applies to.
+def split_overrides(items: Iterable[str], configs: Mapping[str, type],
+                    selected: Iterable[str]) -> dict[str, dict]:
+    """Assign each ``[EXPERIMENT.]KEY=VALUE`` to the ``selected`` experiments it applies to.
+
+    A prefixed key is checked against its experiment even when that one is not selected (and
+    then ignored), so one list of overrides serves every command and typos never pass.
+
+    Args:
+        configs: every experiment's name -> its Config class.
+        selected: the experiments of this command.
 
     Returns:
-        experiment name -> {key: raw text}.
+        selected experiment name -> {key: raw text}.
 
     Raises:
-        ConfigError: a malformed item, an unknown experiment, or a key no selected experiment
-            has (the message lists the valid keys).
+        ConfigError: a malformed item, an unknown experiment, or a key that no experiment it
+            names has (the message lists the valid keys).
     """
-    result: dict[str, dict] = {name: {} for name in configs}
+    selected = list(selected)
+    result: dict[str, dict] = {name: {} for name in selected}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE or EXPERIMENT.KEY=VALUE")
         target, dot, field = key.strip().rpartition(".")
-        names = [target] if dot else list(configs)
         if dot and target not in configs:
-            raise ConfigError(f"--set {item!r}: {target!r} is not among the selected experiments "
-                              f"{sorted(configs)}")
+            raise ConfigError(f"--set {item!r}: unknown experiment {target!r}; expected one "
+                              f"of {list(configs)}")
+        names = [target] if dot else selected
         matched = [name for name in names if field in _field_names(configs[name])]
         if not matched:
             known = sorted({f"{n}.{f}" for n in names for f in _field_names(configs[n])})
             raise ConfigError(f"--set {item!r}: unknown key {field!r}; known keys: "
                               + ", ".join(known))
         for name in matched:
-            result[name][field] = value
+            if name in result:
+                result[name][field] = value
     return result
 
 

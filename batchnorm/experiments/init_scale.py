@@ -145,6 +145,11 @@ def sections(results: dict, figure_names: list[str]) -> list[Section]:
         f"logspace(0, −4, {len(cfg['stds'])}); plain SGD at {cfg['lr']}, batches of "
         f"{cfg['batch_size']} drawn with replacement, {cfg['epochs']} epochs. Affine maps "
         "followed by BN have no bias (BN's shift replaces it).",
+        "Where the curves stop early the loss became non-finite (the network diverged). At the "
+        "smallest scales a first-layer pre-activation has variance about 784·E[x²]·std², which "
+        "falls below BN's ε = 1e-5 (torch's default; the book's implementation uses 1e-7) near "
+        "std 1e-4: BN divides by √(σ²+ε) ≈ √ε and can no longer restore unit scale, so the "
+        "signal still vanishes.",
     ])
     return [claim, Section("Results", [], [compare, panels], figure_names)]
 

@@ -1,0 +1,262 @@
+"""The batchnorm CLI end to end, through its real parser, on tiny generated MNIST files."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_data import write_mnist
+
+from batchnorm import cli, data
+from batchnorm.experiments import EXPERIMENTS
+from batchnorm.experiments import training as training_module
+
+# Shrinks every experiment further than --quick so that the whole file runs in seconds.
+TINY = ["--set", "mnist.steps=20", "--set", "mnist.eval_every=10",
+        "--set", "init-scale.stds=1,0.01", "--set", "init-scale.epochs=2",
+        "--set", "init-scale.train_size=100",
+        "--set", "learning-rate.steps=10", "--set", "learning-rate.eval_every=5",
+        "--set", "learning-rate.channels=4,8",
+        "--set", "batch-size.sizes=2,8", "--set", "batch-size.noise_sizes=2,8",
+        "--set", "batch-size.noise_batches=20", "--set", "batch-size.epochs=1",
+        "--set", "inference.steps=20"]
+NOTE = "training set: 200 images (full MNIST has 60,000)"
+
+
+def reproduce(data_dir: Path, out: Path, *extra: str, experiment: str = "all") -> int:
+    return cli.main(["reproduce", experiment, "--quick", "--quiet", "--data-dir", str(data_dir),
+                     "--out", str(out), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Every experiment run once on 200 training and 100 test images."""
+    root = tmp_path_factory.mktemp("cli")
+    write_mnist(root / "data", 200, 100)
+    status = reproduce(root / "data", root / "out")
+    return status, root
+
+
+def results(out: Path, name: str) -> dict:
+    return json.loads((out / name / "results.json").read_text())
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """The markdown tables of a report, each a list of rows of cells (header row included)."""
+    found, current = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("| ---"):
+            continue
+        if line.startswith("| "):
+            current.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The rows of every table of a report."""
+    return [row for table in tables(markdown) for row in table]
+
+
+def test_help_lists_every_experiment(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for name in [*EXPERIMENTS, "all"]:
+        assert name in text
+
+
+def test_quick_changes_only_step_counts():
+    import importlib
+
+    for module_name, _ in EXPERIMENTS.values():
+        module = importlib.import_module(f"batchnorm.experiments.{module_name}")
+        assert set(module.QUICK) <= {"steps", "eval_every", "epochs", "noise_batches"}
+
+
+def test_every_experiment_writes_its_files(finished):
+    status, root = finished
+    assert status == 0
+    out = root / "out"
+    for name in EXPERIMENTS:
+        folder = out / name
+        for file in ("results.json", "metrics.csv", "report.md", "report.html"):
+            assert (folder / file).is_file(), (name, file)
+        pngs = sorted(path.name for path in folder.glob("*.png"))
+        assert pngs, name
+        assert list((folder / "runs").glob("*.json")), name
+        report, page = (folder / "report.md").read_text(), (folder / "report.html").read_text()
+        for png in pngs:
+            assert f"]({png})" in report
+        sources = re.findall(r"src='([^']*)'", page)  # self-contained: every image inline
+        assert len(sources) == len(pngs)
+        assert all(s.startswith("data:image/png;base64,") for s in sources)
+        saved = results(out, name)
+        assert saved["experiment"] == name and saved["seed"] == 0 and saved["quick"] is True
+        for key in ("config", "versions", "machine", "dataset", "published"):
+            assert saved[key], (name, key)
+        assert set(saved["versions"]) == {"python", "torch", "numpy", "batchnorm"}
+        assert saved["dataset"]["n_train"] == 200 and saved["dataset"]["n_test"] == 100
+        for text in (report, page, json.dumps(saved)):
+            assert NOTE in text, name
+    assert NOTE in (out / "summary.md").read_text()
+    assert all(f"| {name} (--quick) |" in (out / "summary.md").read_text() for name in EXPERIMENTS)
+
+
+def test_overrides_are_recorded_in_the_configuration(finished):
+    out = finished[1] / "out"
+    assert results(out, "mnist")["config"]["steps"] == 20
+    assert results(out, "init-scale")["config"]["stds"] == [1.0, 0.01]
+    assert results(out, "learning-rate")["config"]["channels"] == [4, 8]
+    assert results(out, "mnist")["overrides"] == {"steps": "20", "eval_every": "10"}
+
+
+def test_mnist_report_numbers_equal_results(finished):
+    out = finished[1] / "out"
+    saved = results(out, "mnist")
+    final = saved["final_test_accuracy"]
+    (row,) = [r for r in table_rows((out / "mnist" / "report.md").read_text())
+              if r[0].endswith("(final)")]
+    assert float(row[1]) == round(final["plain"], 4) and float(row[3]) == round(final["bn"], 4)
+    assert set(saved["curves"]) == set(saved["percentiles"]) == {"bn", "plain"}
+    assert saved["curves"]["bn"]["step"] == [0, 10, 20]
+    assert final["bn"] == saved["curves"]["bn"]["test_accuracy"][-1]
+    with open(out / "mnist" / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["network"] == "plain"]
+    assert [float(r["test_accuracy"]) for r in rows] == saved["curves"]["plain"]["test_accuracy"]
+    assert [float(r["p50"]) for r in rows] == saved["percentiles"]["plain"]["p50"]
+
+
+def test_other_reports_equal_results(finished):
+    out = finished[1] / "out"
+    rows = table_rows((out / "init-scale" / "report.md").read_text())
+    for panel in results(out, "init-scale")["panels"]:
+        (row,) = [r for r in rows if r[0] == f"{panel['std']:.3g}"]
+        assert (float(row[1]), float(row[2])) == (round(panel["bn"], 3), round(panel["plain"], 3))
+    ours = tables((out / "learning-rate" / "report.md").read_text())[0]  # then the paper's
+    rows = {r[0]: r for r in ours}
+    for run in results(out, "learning-rate")["networks"]:
+        assert float(rows[run["label"]][4]) == round(run["best_test_accuracy"], 4)
+    saved = results(out, "batch-size")
+    rows = {r[0]: r for r in table_rows((out / "batch-size" / "report.md").read_text())}
+    for run in saved["accuracy"]:
+        column = 1 + saved["config"]["norms"].index(run["norm"])
+        assert float(rows[str(run["batch_size"])][column]) == round(run["test_accuracy"], 4)
+    saved = results(out, "inference")
+    text = (out / "inference" / "report.md").read_text()
+    for mode, prefix in (("ema", "(a)"), ("population", "(b) Algorithm 2"), ("batch", "(c)")):
+        (row,) = [r for r in table_rows(text) if r[0].startswith(prefix)]
+        assert float(row[1]) == round(saved["test_accuracy"][mode], 4)
+
+
+def test_restart_resumes_finished_runs(tmp_path):
+    write_mnist(tmp_path / "data", 200, 100)
+    assert reproduce(tmp_path / "data", tmp_path / "out", experiment="mnist") == 0
+    runs = sorted((tmp_path / "out" / "mnist" / "runs").glob("*.json"))
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in runs}
+    runs[0].unlink()  # as if interrupted before that run finished
+    assert reproduce(tmp_path / "data", tmp_path / "out", experiment="mnist") == 0
+    assert results(tmp_path / "out", "mnist")["training_runs"]["ran"] == 1
+    assert results(tmp_path / "out", "mnist")["training_runs"]["resumed"] == 1
+    for path in runs[1:]:
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == before[path]
+    # Another seed is another run: nothing is reused.
+    assert reproduce(tmp_path / "data", tmp_path / "out", "--seed", "1",
+                     experiment="mnist") == 0
+    counts = results(tmp_path / "out", "mnist")["training_runs"]
+    assert (counts["ran"], counts["resumed"]) == (2, 0)
+
+
+def test_report_rebuilds_without_training(finished, monkeypatch):
+    out = finished[1] / "out"
+    expected = (out / "init-scale" / "report.md").read_text()
+    for name in ("report.md", "report.html", "metrics.csv", "init_scale.png"):
+        (out / "init-scale" / name).unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("report must not train")
+
+    monkeypatch.setattr(training_module, "train", no_training)
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "init-scale" / "report.md").read_text() == expected
+    assert (out / "init-scale" / "init_scale.png").is_file()
+
+
+def test_report_without_results_fails_clearly(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 1
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_missing_files_offline_fail_with_where_to_put_them(tmp_path, monkeypatch, capsys):
+    def offline(url, timeout=None):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(data, "urlopen", offline)
+    assert reproduce(tmp_path / "empty", tmp_path / "out", experiment="mnist") == 1
+    err = capsys.readouterr().err
+    assert "Put the four files" in err and str(tmp_path / "empty") in err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["reproduce", "mnist", "--no-download", "--data-dir",
+                     str(tmp_path / "empty")]) == 1
+    assert "train-images-idx3-ubyte.gz is missing" in capsys.readouterr().err
+
+
+# name -> (file to damage, how, words the error must contain)
+BAD_DATA = {
+    "truncated gzip": ("train-images-idx3-ubyte.gz", lambda b: b[: len(b) // 2],
+                       ["train-images-idx3-ubyte.gz", "truncated"]),
+    "wrong magic": ("t10k-labels-idx1-ubyte.gz", lambda b: __import__("gzip").compress(
+        b"\0\0\x08\x03" + __import__("gzip").decompress(b)[4:]), ["magic number 2051"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA, ids=list(BAD_DATA))
+def test_corrupt_files_fail_naming_the_file(tmp_path, capsys, case):
+    name, damage, words = BAD_DATA[case]
+    write_mnist(tmp_path / "data", 20, 10)
+    path = tmp_path / "data" / name
+    path.write_bytes(damage(path.read_bytes()))
+    assert reproduce(tmp_path / "data", tmp_path / "out", experiment="mnist") == 1
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+
+
+# name -> (arguments, words the error must contain)
+USAGE_ERRORS = {
+    "unknown key": (["--set", "stepz=3"], ["unknown key 'stepz'", "mnist.steps"]),
+    "wrong type": (["--set", "steps=many"], ["steps: expected int", "'many'"]),
+    "no equals": (["--set", "steps"], ["expected KEY=VALUE"]),
+    "unknown experiment": (["--set", "imagenet.steps=3"], ["unknown experiment 'imagenet'"]),
+    "key of another experiment": (["--set", "inference.stds=1"], ["unknown key 'stds'",
+                                                                  "inference.steps"]),
+}
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS, ids=list(USAGE_ERRORS))
+def test_bad_settings_are_usage_errors(tmp_path, capsys, case):
+    arguments, words = USAGE_ERRORS[case]
+    status = cli.main(["reproduce", "mnist", "--data-dir", str(tmp_path), "--out",
+                       str(tmp_path / "out"), *arguments])
+    err = capsys.readouterr().err
+    assert status == 2 and all(word in err for word in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_experiment_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["reproduce", "imagenet"])
+    assert exit_.value.code == 2
+    assert re.search(r"invalid choice: 'imagenet'", capsys.readouterr().err)
+
+
+def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the error path cannot be reached")
+    assert cli.main(["reproduce", "mnist", "--device", "cuda", "--data-dir", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
