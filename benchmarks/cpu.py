@@ -194,8 +194,8 @@ def targets(results: list[tuple], copy_gbs: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5,  # timed rounds after one warm-up
-                        help="timed runs per figure (median reported). Default: 5")
+    parser.add_argument("--repeats", type=int, default=11,  # timed rounds after one warm-up
+                        help="timed runs per figure (median reported). Default: 11")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.md"),
                         help="markdown file to write. Default: benchmarks/results/cpu.md")
     raw_args = sys.argv[1:] if argv is None else argv

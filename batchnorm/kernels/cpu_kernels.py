@@ -6,7 +6,7 @@ Two loop orders, one per layout of the canonical ``(N, C, L)`` view:
   the block's statistics and then normalizes the block while its slice (``N * L`` values per
   channel) is still in the core's cache, so the input crosses the memory bus once for both
   passes when the slice fits. Blocks hold one channel when rows are long; with short rows
-  (``L`` of a few dozen) they hold enough channels to read runs of hundreds of values in memory
+  (``L`` of a few dozen) they hold enough channels to read runs of a thousand values in memory
   order, since short runs a stride apart stall on memory (the caller picks the block size).
 * ``*_rows`` (channels-last): the ``(R, C)`` array of ``R = N * L`` rows is cut into
   ``min(R, CHUNKS)`` fixed chunks; each chunk sums into its own per-channel partials, which are
