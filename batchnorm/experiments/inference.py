@@ -100,11 +100,16 @@ def folded_network(network: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _batch_statistics_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                                m: int) -> float:
-    """Accuracy with BN normalizing each test batch of m by its own statistics (a copy)."""
+    """Accuracy with BN normalizing each test batch of m by its own statistics (a copy).
+
+    Every test image counts: the last batch holds the remainder (if it has at least 2 images,
+    the fewest that batch statistics allow; a single leftover image is dropped).
+    """
     network = copy.deepcopy(model).train()
-    correct = sum(int((network(x[i:i + m]).argmax(1) == y[i:i + m]).sum())
-                  for i in range(0, len(x) - m + 1, m))
-    return correct / (len(x) - len(x) % m)
+    end = len(x) if len(x) % m != 1 else len(x) - 1
+    correct = sum(int((network(x[i:min(i + m, end)]).argmax(1) == y[i:min(i + m, end)]).sum())
+                  for i in range(0, end, m))
+    return correct / end
 
 
 def _train_and_compare(ctx) -> dict:

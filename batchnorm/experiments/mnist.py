@@ -100,9 +100,20 @@ def run(ctx) -> dict:
         "test_accuracy_at": at_steps,
         "curves": {name: runs[name]["curve"] for name in NETWORKS},
         "percentiles": {name: runs[name]["percentiles"] for name in NETWORKS},
+        "percentile_ranges": {name: _ranges(runs[name]["percentiles"]) for name in NETWORKS},
         "diverged_at": {name: runs[name]["diverged_at"] for name in NETWORKS},
         "published": PUBLISHED,
     }
+
+
+def _ranges(spread: dict) -> dict:
+    """Max minus min of each percentile after the first tenth of training: the drift that
+    remains once the initial transient (the rise from the tiny initial weights) is over."""
+    start = spread["step"][-1] / 10
+    late = [i for i, step in enumerate(spread["step"]) if step >= start]
+    ranges = {f"p{q}": max(spread[f"p{q}"][i] for i in late) - min(spread[f"p{q}"][i] for i in late)
+              for q in PERCENTILES}
+    return {"from_step": spread["step"][late[0]], **ranges}
 
 
 def _reading(curve: dict, step: int) -> float | None:
@@ -169,8 +180,9 @@ def sections(results: dict, figure_names: list[str]) -> list[Section]:
         for i in (0, len(spread["step"]) - 1):
             spread_rows.append([name, f"{spread['step'][i]:,}",
                                 *(fmt(spread[f"p{q}"][i], 3) for q in PERCENTILES)])
-        drift = max(spread["p50"]) - min(spread["p50"])
-        spread_rows.append([name, "range of the median over training", "", fmt(drift, 3), ""])
+        ranges = results["percentile_ranges"][name]
+        spread_rows.append([name, f"range (max − min) from step {ranges['from_step']:,} on",
+                            *(fmt(ranges[f"p{q}"], 3) for q in PERCENTILES)])
     spread_table = Table(["network", "step", "15th", "50th", "85th"], spread_rows,
                          "Percentiles of the input to sigmoid unit "
                          f"{cfg['unit']} of the last hidden layer over the test images. Paper, "

@@ -94,7 +94,7 @@ class Console:
     @contextmanager
     def progress(self, description: str, total: int):
         """Yield ``advance(n)``; shows a bar for ``total`` units of work."""
-        if self.quiet or self._rich is None:
+        if self.quiet or self._rich is None or not self._rich.is_terminal:  # logs: no bars
             yield lambda n: None
             return
         from rich.progress import Progress, TimeElapsedColumn, TimeRemainingColumn

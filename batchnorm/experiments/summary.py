@@ -8,7 +8,9 @@ from pathlib import Path
 from batchnorm.experiments import EXPERIMENTS
 from batchnorm.experiments.report import experiment_module, write_text
 
-HEADER = ["experiment", "ours", "published", "runs (new/resumed)", "training s", "wall s"]
+# "training s" sums every run's own time, resumed ones included; "wall s" is the last command's.
+HEADER = ["experiment", "ours", "published", "runs (new/resumed)", "training s",
+          "wall s (last command)"]
 
 
 def rows(root: Path) -> list[dict]:
