@@ -87,8 +87,10 @@ class _BatchRenorm(_BatchNorm):
         bias: bool = True,
         r_max: Bound | None = None,
         d_max: Bound | None = None,
+        virtual_batch_size: int | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias,
+                         virtual_batch_size=virtual_batch_size)
         _check_bound("r_max", r_max, lowest=1.0)
         _check_bound("d_max", d_max, lowest=0.0)
         # Plain attributes, not state: a schedule's only state is the step, which is
@@ -99,11 +101,12 @@ class _BatchRenorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max!r}, d_max={self.d_max!r}"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        # Called by _BatchNorm._forward once per batch, or once per chunk of a ghost batch in
+        # turn, so each chunk is corrected against the running estimates its predecessors
+        # updated, exactly as if the chunks had come as separate batches.
         if not self.training or input.numel() == 0:
-            return super().forward(input)
-        self._check_input_dim(input)
-        self._check_channels(input)
+            return super()._normalize(input, residual)
         if not input.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {input.dtype}; convert it "
                             "with input.float()")
@@ -117,7 +120,8 @@ class _BatchRenorm(_BatchNorm):
         if self.bias is not None:
             shift = shift + self.bias.to(d.dtype)
         return F.batch_norm(input, self.running_mean, self.running_var, weight, shift, True,
-                            self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked)
+                            self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
+                            activation=self.activation, residual=residual)
 
     def corrections(self, input: Tensor) -> tuple[Tensor, Tensor]:
         """The clipped ``(r, d)`` per channel for a training batch, before the running update.
@@ -186,6 +190,11 @@ _DOC = r"""Batch Renormalization (Ioffe, 2017) over a {rank_words} input.
             paper's: 1 up to step 5000, then linearly to 3 at step 40000.
         d_max: bound of ``|d|``, >= 0, or a schedule (keyword only). Default: ``None``, the
             paper's: 0 up to step 5000, then linearly to 5 at step 25000.
+        virtual_batch_size: ghost batches (keyword only): in training, renormalize each chunk
+            of this many samples along dim 0 with its own statistics, as ``BatchNorm1d``'s
+            option of that name; each chunk is corrected against the running estimates as
+            the chunks before it left them, and counts as one step of the schedules
+            (``num_batches_tracked`` counts chunks). Default: ``None``.
 
     Shape:
         - Input: {shape}

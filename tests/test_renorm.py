@@ -204,3 +204,112 @@ def test_failing_call_leaves_the_statistics_untouched():
         bn(torch.randn(1, 3, 1, 1, dtype=torch.float64))
     for key, value in bn.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# Ghost batches: name -> (layer, input shape, virtual_batch_size).
+GHOST_CASES = {
+    "1d-divides": ("BatchRenorm1d", (8, 3), 2),
+    "1d-seq-remainder-of-2": ("BatchRenorm1d", (8, 3, 5), 3),
+    "2d-remainder-of-1-sample": ("BatchRenorm2d", (7, 3, 2, 3), 3),
+    "3d-k-equals-batch": ("BatchRenorm3d", (2, 3, 2, 2, 3), 2),
+}
+
+
+def _renorm_chunks(x, mean, var, weight, bias, k, bounds_at, step, momentum=0.1, eps=1e-5):
+    """Batch Renorm written out per chunk of ``k`` samples in plain float64 torch.
+
+    Each chunk takes r and d (constants for the gradient) from the running estimates as the
+    chunks before it left them, with the bounds at its own step, then updates the estimates
+    (mean, and the unbiased variance) as batch norm does. Returns output, mean, var.
+    """
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    dims = [0, *range(2, x.dim())]
+    outputs = []
+    for i, chunk in enumerate(x.split(k)):
+        r_max, d_max = bounds_at(step + i)
+        mu_b, var_b = chunk.mean(dims), chunk.var(dims, correction=0)
+        sigma_b, sigma = torch.sqrt(var_b + eps), torch.sqrt(var + eps)
+        r = (sigma_b / sigma).detach().clamp(1 / r_max, r_max)
+        d = ((mu_b - mean) / sigma).detach().clamp(-d_max, d_max)
+        x_hat = (chunk - mu_b.view(view)) / sigma_b.view(view)
+        outputs.append(weight.view(view) * (x_hat * r.view(view) + d.view(view))
+                       + bias.view(view))
+        m = chunk.numel() // chunk.shape[1]
+        mean = (1 - momentum) * mean + momentum * mu_b.detach()
+        var = (1 - momentum) * var + momentum * var_b.detach() * m / (m - 1)
+    return torch.cat(outputs), mean, var
+
+
+@pytest.mark.parametrize("case", GHOST_CASES, ids=list(GHOST_CASES))
+def test_ghost_batches_renormalize_chunk_by_chunk(case):
+    import batchnorm.renorm as renorm
+
+    name, shape, k = GHOST_CASES[case]
+    # Bounds that change from one chunk to the next inside a batch: every chunk is a step.
+    schedule = Ramp(1.2, 3.0, begin=2, stop=5), Ramp(0.1, 2.0, begin=1, stop=6)
+    bn = getattr(renorm, name)(shape[1], r_max=schedule[0], d_max=schedule[1],
+                               virtual_batch_size=k, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial parameters and running estimates that make r, d clip
+        bn.weight.copy_(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(shape[1], generator=g, dtype=torch.float64))
+        bn.running_mean.copy_(torch.randn(shape[1], generator=g, dtype=torch.float64) * 2)
+        bn.running_var.copy_(torch.rand(shape[1], generator=g, dtype=torch.float64) * 4 + 0.1)
+    weight = bn.weight.detach().clone().requires_grad_()
+    bias = bn.bias.detach().clone().requires_grad_()
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    chunks = -(-shape[0] // k)
+    for seed in range(2):
+        x = _input(shape, seed)
+        x_ref = x.detach().clone().requires_grad_()
+        y = bn(x)
+        expected, mean, var = _renorm_chunks(x_ref, mean, var, weight, bias, k,
+                                             lambda s: (schedule[0](s), schedule[1](s)),
+                                             step=chunks * seed)
+        assert_close(y, expected, msg="output")
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        expected.backward(dy)
+        assert_close(x.grad, x_ref.grad, msg="input gradient")
+        assert_close(bn.weight.grad, weight.grad, msg="weight gradient")
+        assert_close(bn.bias.grad, bias.grad, msg="bias gradient")
+        assert_close(bn.running_mean, mean, msg="running_mean")
+        assert_close(bn.running_var, var, msg="running_var")
+        assert int(bn.num_batches_tracked) == chunks * (seed + 1)
+
+
+def test_ghost_batches_with_r_max_1_and_d_max_0_are_ghost_batch_norm():
+    k, shape = 3, (8, 3, 4)
+    ours = BatchRenorm1d(3, r_max=1.0, d_max=0.0, virtual_batch_size=k, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    x = _input(shape, seed=5)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), torch.cat([theirs(chunk) for chunk in x_ref.split(k)])
+    assert_close(y, y_ref, msg="output")
+    y.backward(torch.ones_like(y) * 0.3 + x.detach())
+    y_ref.backward(torch.ones_like(y_ref) * 0.3 + x_ref.detach())
+    assert_close(x.grad, x_ref.grad, msg="input gradient")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(ours, name).double(), getattr(theirs, name).double()), name
+
+
+def test_ghost_batches_leave_inference_unchanged():
+    ours = BatchRenorm2d(3, r_max=2.0, d_max=1.0, virtual_batch_size=2, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    ours(_input((6, 3, 2, 2), seed=1))
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval()
+    theirs.eval()
+    x = _input((5, 3, 2, 2), seed=2).detach()
+    assert_close(ours(x), theirs(x))
+
+
+def test_ghost_batch_with_a_one_value_chunk_is_refused_untouched():
+    bn = BatchRenorm1d(3, r_max=2.0, d_max=1.0, virtual_batch_size=2, dtype=torch.float64)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match="virtual_batch_size=2 splits a batch of 5"):
+        bn(torch.randn(5, 3, dtype=torch.float64))
+    for key, value in bn.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
+        BatchRenorm1d(3, virtual_batch_size=0)
