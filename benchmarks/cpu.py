@@ -9,12 +9,13 @@ Times, for each shape and memory format of ``ROWS``:
   input, weight and bias taken with ``torch.autograd.grad``,
 
 for the ``numba`` and ``eager`` backends. Each figure is the median of ``--repeats`` timed runs
-after one warm-up; the implementations take turns within each round, so a change in the
-machine's load touches them alike. Achieved bandwidth counts the minimal traffic for an input
-of ``S`` bytes: ``3 S`` for the forward (read for the statistics, read and write to normalize)
-and ``3 S + 5 S`` for forward + backward (the backward reads x and dy for its sums, then reads
-x and dy and writes dx). The machine's copy bandwidth is measured the way a fresh output is
-made, ``torch.empty_like(x).copy_(x)`` counting read + write, so both sides pay for new pages.
+after one warm-up; torch.nn and numba take turns within each round, so a change in the
+machine's load touches them alike (eager, much slower, is timed in rounds of its own).
+Achieved bandwidth counts the minimal traffic for an input of ``S`` bytes: ``3 S`` for the
+forward (read for the statistics, read and write to normalize) and ``3 S + 5 S`` for forward +
+backward (the backward reads x and dy for its sums, then reads x and dy and writes dx). The
+machine's copy bandwidth is measured the way a fresh output is made,
+``torch.empty_like(x).copy_(x)`` counting read + write, so both sides pay for new pages.
 
 Run from the repository root (about a minute on 2 cores)::
 
@@ -98,8 +99,26 @@ def _forward_backward(impl: str, module, x, dy):
     return torch.autograd.grad(y, (x, module.weight, module.bias), dy)
 
 
+def _rounds(runs: dict, repeats: int) -> dict:
+    """Median milliseconds of each run: one warm-up, then ``repeats`` rounds of every run."""
+    for run in runs.values():
+        run()
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * float(np.median(t)) for key, t in times.items()}
+
+
 def time_row(shape, memory_format: str, repeats: int) -> dict:
-    """Median milliseconds of each implementation, forward and forward+backward."""
+    """Median milliseconds of each implementation, forward and forward+backward.
+
+    torch.nn and numba take turns; the eager backend, a reference only, is timed afterwards in
+    rounds of its own: its temporaries several times the input's size would otherwise evict
+    the input from the cache before whichever implementation runs next.
+    """
     x = torch.randn(shape)
     if memory_format == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -109,20 +128,17 @@ def time_row(shape, memory_format: str, repeats: int) -> dict:
     modules = _modules(channels, len(shape))
     x_grad = x.detach().clone().requires_grad_()
     dy = torch.randn_like(x)
-    runs = {}
-    for impl in IMPLS:
-        runs[("fwd", impl)] = lambda i=impl: _forward(i, x, stats[i], weight, bias)
-        runs[("fb", impl)] = lambda i=impl: _forward_backward(i, modules[i], x_grad, dy)
-    for run in runs.values():
-        run()  # warm-up round
-    times = {key: [] for key in runs}
-    for _ in range(repeats):  # rounds: every implementation once per round
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
+
+    def runs(impls):
+        table = {}
+        for impl in impls:
+            table["fwd", impl] = lambda i=impl: _forward(i, x, stats[i], weight, bias)
+            table["fb", impl] = lambda i=impl: _forward_backward(i, modules[i], x_grad, dy)
+        return table
+
+    result = _rounds(runs(("torch.nn", "numba")), repeats)
+    result.update(_rounds(runs(("eager",)), max(3, repeats // 3)))
     os.environ.pop("BATCHNORM_BACKEND", None)
-    result = {key: 1e3 * float(np.median(t)) for key, t in times.items()}
     result["bytes"] = x.numel() * x.element_size()
     return result
 
@@ -230,8 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- copy bandwidth (`torch.empty_like(x).copy_(x)`, read + write, "
         f"{largest * 4 / 1e6:.0f} MB): {copy_fresh:.1f} GB/s; into a preallocated tensor: "
         f"{copy_reused:.1f} GB/s",
-        f"- median of {args.repeats} runs after a warm-up; GB/s counts 3 S bytes for the forward, "
-        "8 S for forward+backward; speedup = torch.nn time / numba time",
+        f"- median of {args.repeats} runs after a warm-up (eager: {max(3, args.repeats // 3)}); "
+        "GB/s counts 3 S bytes for the forward, 8 S for forward+backward; "
+        "speedup = torch.nn time / numba time",
         "",
         *table(results),
         "",

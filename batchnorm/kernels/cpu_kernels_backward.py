@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+# numba's on-disk cache keys a kernel on its own file only: after editing a helper or constant
+# imported from cpu_kernels, delete batchnorm/kernels/__pycache__ so this file's kernels rebuild.
 from batchnorm.kernels.cpu_kernels import (
     CHUNKS,
     JIT,
