@@ -18,7 +18,8 @@ TINY = ["--set", "mnist.steps=20", "--set", "mnist.eval_every=10",
         "--set", "init-scale.train_size=100",
         "--set", "learning-rate.steps=10", "--set", "learning-rate.eval_every=5",
         "--set", "learning-rate.channels=4,8",
-        "--set", "batch-size.sizes=2,8", "--set", "batch-size.noise_sizes=2,8",
+        "--set", "batch-size.sizes=2,8", "--set", "batch-size.group_sizes=2,8",
+        "--set", "batch-size.noise_sizes=2,8",
         "--set", "batch-size.noise_batches=20", "--set", "batch-size.epochs=1",
         "--set", "inference.steps=20"]
 NOTE = "training set: 200 images (full MNIST has 60,000)"
@@ -142,7 +143,9 @@ def test_other_reports_equal_results(finished):
     for run in results(out, "learning-rate")["networks"]:
         assert float(rows[run["label"]][4]) == round(run["best_test_accuracy"], 4)
     saved = results(out, "batch-size")
-    rows = {r[0]: r for r in table_rows((out / "batch-size" / "report.md").read_text())}
+    (ours,) = [t for t in tables((out / "batch-size" / "report.md").read_text())
+               if t[0][0] == "examples per batch m"]
+    rows = {r[0]: r for r in ours[1:]}
     for run in saved["accuracy"]:
         column = 1 + saved["config"]["norms"].index(run["norm"])
         assert float(rows[str(run["batch_size"])][column]) == round(run["test_accuracy"], 4)
@@ -151,6 +154,72 @@ def test_other_reports_equal_results(finished):
     for mode, prefix in (("ema", "(a)"), ("population", "(b) Algorithm 2"), ("batch", "(c)")):
         (row,) = [r for r in table_rows(text) if r[0].startswith(prefix)]
         assert float(row[1]) == round(saved["test_accuracy"][mode], 4)
+
+
+def test_small_batch_table_equals_results(finished):
+    out = finished[1] / "out"
+    saved = results(out, "batch-size")
+    small = saved["small_batch"]
+    assert small["train_batch"] == 32 and small["norms"] == ["ghost", "renorm"]
+    assert [row["m"] for row in small["table"]] == [2, 8]
+    runs = {(r["norm"], r["batch_size"]): r for r in small["runs"]}
+    same = {(r["norm"], r["batch_size"]): r for r in saved["accuracy"]}
+    (table,) = [t for t in tables((out / "batch-size" / "report.md").read_text())
+                if t[0][0] == "examples per normalization batch m"]
+    assert len(table) == 1 + len(small["table"])
+    for row, cells in zip(small["table"], table[1:], strict=True):
+        m = row["m"]
+        assert cells[0] == str(m)
+        for column, norm in enumerate(small["norms"], 1):
+            run = runs[(norm, m)]
+            assert row[norm] == run["test_accuracy"]
+            assert float(cells[column]) == round(row[norm], 4)
+            # m examples per normalization batch, 32 per step: groups of m in every batch.
+            assert run["train_batch"] == 32 and run["options"]["virtual_batch_size"] == m
+        assert row["bn_batch_of_m"] == same[("bn", m)]["test_accuracy"]
+        assert float(cells[3]) == round(row["bn_batch_of_m"], 4)
+        assert cells[4] == cells[5] == "—"  # the paper reports m = 4 and 32 only
+    with open(out / "batch-size" / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["panel"] == "small_batch"]
+    assert {(r["norm"], int(r["m"])): float(r["test_accuracy"]) for r in rows} == {
+        key: run["test_accuracy"] for key, run in runs.items()}
+    assert (out / "batch-size" / "small_batch.png").is_file()
+
+
+def _stored_specs(folder: Path) -> dict:
+    return {json.loads(path.read_text())["identity"]["label"]:
+            json.loads(path.read_text())["identity"]["spec"] for path in folder.glob("*.json")}
+
+
+def test_resume_key_holds_each_runs_settings(tmp_path):
+    write_mnist(tmp_path / "data", 200, 100)
+    assert reproduce(tmp_path / "data", tmp_path / "out", experiment="batch-size") == 0
+    specs = _stored_specs(tmp_path / "out" / "batch-size" / "runs")
+    ramp = specs["renorm-m2-in32"]["options"]["r_max"]["ramp"]
+    assert (ramp["start"], ramp["end"]) == (1.0, 3.0) and ramp["stop"] > ramp["begin"]
+    assert specs["ghost-m8-in32"]["options"]["virtual_batch_size"] == 8
+    assert specs["bn-m2"]["train_batch"] == 2 and specs["bn-m2"]["options"] == {}
+    # Another Batch Renorm bound retrains the Batch Renorm runs only.
+    assert reproduce(tmp_path / "data", tmp_path / "out", "--set", "batch-size.renorm_r_max=2",
+                     experiment="batch-size") == 0
+    counts = results(tmp_path / "out", "batch-size")["training_runs"]
+    assert (counts["ran"], counts["resumed"]) == (2, 1 + 4 + 2)
+    specs = _stored_specs(tmp_path / "out" / "batch-size" / "runs")
+    assert specs["renorm-m2-in32"]["options"]["r_max"]["ramp"]["end"] == 2.0
+
+
+def test_ghost_bn_over_the_whole_batch_is_bn(tmp_path):
+    """With groups as large as the batch, Ghost BN is batch norm: the same run, bit for bit."""
+    write_mnist(tmp_path / "data", 200, 100)
+    assert reproduce(tmp_path / "data", tmp_path / "out", "--set", "batch-size.sizes=8",
+                     "--set", "batch-size.group_sizes=8", "--set", "batch-size.group_batch=8",
+                     "--set", "batch-size.epochs=2", experiment="batch-size") == 0
+    saved = results(tmp_path / "out", "batch-size")
+    (bn,) = [r for r in saved["accuracy"] if r["norm"] == "bn"]
+    (ghost,) = [r for r in saved["small_batch"]["runs"] if r["norm"] == "ghost"]
+    assert ghost["options"] == {"virtual_batch_size": 8, "momentum": 0.1}
+    assert (ghost["steps"], ghost["lr"]) == (bn["steps"], bn["lr"]) == (50, 0.025)
+    assert ghost["test_accuracy"] == bn["test_accuracy"]
 
 
 def test_restart_resumes_finished_runs(tmp_path):
@@ -240,6 +309,28 @@ USAGE_ERRORS = {
 def test_bad_settings_are_usage_errors(tmp_path, capsys, case):
     arguments, words = USAGE_ERRORS[case]
     status = cli.main(["reproduce", "mnist", "--data-dir", str(tmp_path), "--out",
+                       str(tmp_path / "out"), *arguments])
+    err = capsys.readouterr().err
+    assert status == 2 and all(word in err for word in words), err
+    assert not (tmp_path / "out").exists()
+
+
+# name -> (batch-size settings, words the error must contain)
+BATCH_SIZE_ERRORS = {
+    "group larger than the batch": (["group_sizes=4,64"],
+                                    ["ghost at m=64", "trains on batches of 32"]),
+    "unknown group norm": (["group_norms=ghost,layer"], ["unknown ['layer']", "renorm"]),
+    "one example per group": (["group_sizes=1,2"], ["every m must be >= 2"]),
+    "renorm ramp out of order": (["renorm_begin=0.5"], ["renorm_begin < renorm_d_stop"]),
+    "momentum out of range": (["group_momentum_per_step=0"], ["group_momentum_per_step must"]),
+}
+
+
+@pytest.mark.parametrize("case", BATCH_SIZE_ERRORS, ids=list(BATCH_SIZE_ERRORS))
+def test_bad_small_batch_settings_are_usage_errors(tmp_path, capsys, case):
+    settings, words = BATCH_SIZE_ERRORS[case]
+    arguments = [part for setting in settings for part in ("--set", f"batch-size.{setting}")]
+    status = cli.main(["reproduce", "batch-size", "--data-dir", str(tmp_path), "--out",
                        str(tmp_path / "out"), *arguments])
     err = capsys.readouterr().err
     assert status == 2 and all(word in err for word in words), err

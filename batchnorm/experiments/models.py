@@ -2,8 +2,9 @@
 
 Every model takes flattened MNIST images, shape (N, 784) with pixels in [0, 1], and returns
 (N, 10) logits. The layer after each affine map comes from :data:`NORMS`, so an experiment can
-compare normalizations by name ("none", "bn", and any later entry such as a renormalized or
-ghost-batch variant: add a factory to :data:`NORMS`).
+compare normalizations by name: "none", "bn", "ghost" (batch norm over groups of
+``virtual_batch_size`` examples inside the batch) and "renorm" (Batch Renorm, the same groups
+when ``virtual_batch_size`` is given); a further variant is a further factory in :data:`NORMS`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,21 @@ from collections.abc import Sequence
 from torch import nn
 
 from batchnorm import BatchNorm1d, BatchNorm2d
+from batchnorm.renorm import BatchRenorm1d, BatchRenorm2d
 
 
 def _batch_norm(num_features: int, spatial: bool, **options) -> nn.Module:
     return (BatchNorm2d if spatial else BatchNorm1d)(num_features, **options)
+
+
+def _ghost_batch_norm(num_features: int, spatial: bool, *, virtual_batch_size: int,
+                      **options) -> nn.Module:
+    # The group size is required: without it "ghost" would silently be plain batch norm.
+    return _batch_norm(num_features, spatial, virtual_batch_size=virtual_batch_size, **options)
+
+
+def _batch_renorm(num_features: int, spatial: bool, **options) -> nn.Module:
+    return (BatchRenorm2d if spatial else BatchRenorm1d)(num_features, **options)
 
 
 def _identity(num_features: int, spatial: bool, **options) -> nn.Module:
@@ -25,7 +37,8 @@ def _identity(num_features: int, spatial: bool, **options) -> nn.Module:
 
 # name -> factory(num_features, spatial, **options) of the layer between an affine map and its
 # nonlinearity; `spatial` is True after a convolution (statistics per channel).
-NORMS = {"none": _identity, "bn": _batch_norm}
+NORMS = {"none": _identity, "bn": _batch_norm, "ghost": _ghost_batch_norm,
+         "renorm": _batch_renorm}
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 
@@ -35,6 +48,8 @@ def make_norm(name: str, num_features: int, spatial: bool = False, **options) ->
 
     >>> make_norm("none", 3)
     Identity()
+    >>> make_norm("ghost", 3, virtual_batch_size=4).virtual_batch_size
+    4
     """
     if name not in NORMS:
         raise ValueError(f"unknown normalization {name!r}; expected one of {sorted(NORMS)}")
