@@ -90,19 +90,27 @@ def chunk(k, n_chunks, rows):
 
 
 @njit(**JIT)
+def merge(partial):
+    """``partial[k]`` summed over chunks ``k`` in order (row by row, so that it vectorizes)."""
+    total = partial[0].copy()
+    for k in range(1, partial.shape[0]):
+        chunk_sums = partial[k]
+        for i in range(total.shape[0]):
+            for c in range(total.shape[1]):
+                total[i, c] += chunk_sums[i, c]
+    return total
+
+
+@njit(**JIT)
 def finish_statistics(partial, pivot, m, weight, bias, eps, mean, rstd, var, coef):
     """Merge per-chunk ``partial[k, 0 or 1, c]`` sums in chunk order into the statistics.
 
     Writes ``mean``, ``rstd``, ``var`` and ``coef = (pivot, scale, shift)`` in coef's dtype.
     """
-    for c in range(partial.shape[2]):
-        s1 = 0.0
-        s2 = 0.0
-        for k in range(partial.shape[0]):
-            s1 += partial[k, 0, c]
-            s2 += partial[k, 1, c]
+    total = merge(partial)
+    for c in range(total.shape[1]):
         mean[c], var[c], rstd[c], coef[1, c], coef[2, c] = statistics(
-            s1, s2, m, np.float64(pivot[c]), weight[c], bias[c], eps)
+            total[0, c], total[1, c], m, np.float64(pivot[c]), weight[c], bias[c], eps)
         coef[0, c] = pivot[c]
 
 
@@ -195,9 +203,10 @@ def forward_train_rows(x, weight, bias, eps, y, mean, rstd, var):
     rows, channels = x.shape
     n_chunks = min(rows, CHUNKS)
     pivot = x[0].astype(np.float64)
-    partial = np.zeros((n_chunks, 2, channels))
+    partial = np.empty((n_chunks, 2, channels))
     for k in prange(n_chunks):
         start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
         _shifted_sums_rows(x, start, stop, pivot, partial[k, 0], partial[k, 1])
     coef = np.empty((3, channels), x.dtype)  # pivot, scale, shift in x's dtype
     finish_statistics(partial, x[0], rows, weight, bias, eps, mean, rstd, var, coef)

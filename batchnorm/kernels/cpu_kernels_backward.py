@@ -27,6 +27,7 @@ from batchnorm.kernels.cpu_kernels import (
     JIT,
     SUM_FLAGS,
     chunk,
+    merge,
     njit,
     prange,
 )
@@ -67,15 +68,11 @@ def coefficients(s_dy, s_dyx, m, mean, rstd, weight):
 @njit(**JIT)
 def finish_grads(partial, m, mean, rstd, weight, dweight, dbias, coef):
     """Merge per-chunk sums in chunk order; fill ``coef = (mean, a, b, c0)`` in its dtype."""
-    for c in range(partial.shape[2]):
-        s_dy = 0.0
-        s_dyx = 0.0
-        for k in range(partial.shape[0]):
-            s_dy += partial[k, 0, c]
-            s_dyx += partial[k, 1, c]
-        dbias[c] = s_dy
+    total = merge(partial)
+    for c in range(total.shape[1]):
+        dbias[c] = total[0, c]
         dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
-            s_dy, s_dyx, m, mean[c], rstd[c], weight[c])
+            total[0, c], total[1, c], m, mean[c], rstd[c], weight[c])
         coef[0, c] = mean[c]
 
 
@@ -184,9 +181,10 @@ def backward_rows(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbi
     rows, channels = x.shape
     n_chunks = min(rows, CHUNKS)
     mu = mean.astype(np.float64)
-    partial = np.zeros((n_chunks, 2, channels))
+    partial = np.empty((n_chunks, 2, channels))
     for k in prange(n_chunks):
         start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
         _grad_sums_rows(dy, x, start, stop, mu, partial[k, 0], partial[k, 1])
     coef = np.empty((4, channels), x.dtype)  # mean, a, b, c0 in x's dtype
     finish_grads(partial, rows, mean, rstd, weight, dweight, dbias, coef)
