@@ -15,8 +15,9 @@ EXPERIMENTS = {
                                  "training accuracy with and without BN"),
     "learning-rate": ("learning_rate", "small convnet at 1x, 5x, 30x learning rate with and "
                                        "without BN: steps to a target accuracy, divergence"),
-    "batch-size": ("batch_size", "noise of the batch mean against 1/sqrt(m), and test accuracy "
-                                 "against batch size (2 to 256)"),
+    "batch-size": ("batch_size", "noise of the batch mean against 1/sqrt(m); test accuracy "
+                                 "against batch size (2 to 256), and 32 per step in groups of "
+                                 "2 to 32 with Ghost BN and Batch Renorm"),
     "inference": ("inference", "Algorithm 2: EMA vs exact population statistics vs batch "
                                "statistics at inference, and the folded affine transform"),
 }
