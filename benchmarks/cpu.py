@@ -155,6 +155,16 @@ def machine() -> dict:
     return info
 
 
+# Environment variables that change these timings (thread counts, allocator behaviour).
+ENV_RECORDED = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "GLIBC_TUNABLES",
+                "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def environment() -> str:
+    pairs = [f"{name}={os.environ[name]}" for name in ENV_RECORDED if name in os.environ]
+    return ", ".join(pairs) if pairs else "none of " + ", ".join(ENV_RECORDED)
+
+
 def versions() -> str:
     import numba
 
@@ -246,9 +256,14 @@ def main(argv: list[str] | None = None) -> None:
         f"- copy bandwidth (`torch.empty_like(x).copy_(x)`, read + write, "
         f"{largest * 4 / 1e6:.0f} MB): {copy_fresh:.1f} GB/s; into a preallocated tensor: "
         f"{copy_reused:.1f} GB/s",
+        f"- environment: {environment()}",
         f"- median of {args.repeats} runs after a warm-up (eager: {max(3, args.repeats // 3)}); "
         "GB/s counts 3 S bytes for the forward, 8 S for forward+backward; "
         "speedup = torch.nn time / numba time",
+        "- every call allocates its outputs afresh, as in training; the numba backend allocates "
+        f"outputs of {numba_backend.HUGE_PAGE_BYTES >> 20} MiB or more with huge pages advised "
+        "(as NumPy does), torch.nn with 4 KiB pages, whose first-touch faults are a large part "
+        "of its time on the 51 MB rows",
         "",
         *table(results),
         "",
