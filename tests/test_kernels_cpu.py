@@ -210,6 +210,21 @@ def test_gradient_in_another_layout_than_the_input(order):
     assert_close(dx3, _torch_grads(x3, dy_other, weight, None, training=True)[0])
 
 
+def test_outputs_allocated_with_huge_pages_are_ordinary_tensors(order, monkeypatch):
+    # Outputs of HUGE_PAGE_BYTES or more come from NumPy; lower the bar to test that path.
+    monkeypatch.setattr(cpu, "HUGE_PAGE_BYTES", 0)
+    x3, dy3, weight, bias = _make((3, 5, 11), order, torch.float32)
+    y3, mean, rstd, _ = cpu.forward_train(x3, weight, bias, EPS)
+    dx3 = cpu.backward(dy3, x3, None, mean, rstd, weight, True)[0]
+    for out in (y3, dx3):
+        _assert_same_layout(out, x3)
+    assert_close(y3, F.batch_norm(x3.double(), None, None, weight.double(), bias.double(),
+                                  training=True, eps=EPS), torch.float32)
+    assert_close(dx3, _torch_grads(x3, dy3, weight, bias, training=True)[0], torch.float32)
+    y3.add_(1.0)  # writable, and usable as any tensor
+    assert torch.isfinite(y3).all()
+
+
 def test_large_mean_small_std_float32_normalizes_within_1e_2_std(order):
     # mean 1e4, std 1e-2: float32 spacing at 1e4 is ~1e-3, a tenth of the std, so a naive
     # x - mean with a rounded mean is off by a large fraction of the std.
