@@ -210,9 +210,9 @@ def test_gradient_in_another_layout_than_the_input(order):
     assert_close(dx3, _torch_grads(x3, dy_other, weight, None, training=True)[0])
 
 
-def test_outputs_allocated_with_huge_pages_are_ordinary_tensors(order, monkeypatch):
-    # Outputs of HUGE_PAGE_BYTES or more come from NumPy; lower the bar to test that path.
-    monkeypatch.setattr(cpu, "HUGE_PAGE_BYTES", 0)
+def test_outputs_from_the_buffer_pool_are_ordinary_tensors(order, monkeypatch):
+    # Outputs of cpu_buffers.MIN_BYTES or more come from the pool; lower the bar to test it.
+    monkeypatch.setattr(cpu.cpu_buffers, "MIN_BYTES", 0)
     x3, dy3, weight, bias = _make((3, 5, 11), order, torch.float32)
     y3, mean, rstd, _ = cpu.forward_train(x3, weight, bias, EPS)
     dx3 = cpu.backward(dy3, x3, None, mean, rstd, weight, True)[0]

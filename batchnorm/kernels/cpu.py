@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import _eager
+from batchnorm.kernels import cpu_buffers
 
 DTYPES = (torch.float32, torch.float64)
 NCL, ROWS = "ncl", "rows"  # the loop orders, see the module docstring
@@ -35,7 +36,6 @@ MIN_BLOCKS = 16  # ... unless that leaves fewer channel blocks than this for thr
 # second thread saves (and waits for a timeslice when the machine is busy). Results are
 # bitwise the same either way (the kernels' partitions do not depend on the thread count).
 PARALLEL_MIN_NUMEL = 1 << 16
-HUGE_PAGE_BYTES = 32 << 20  # outputs this large are allocated with huge pages, see _empty
 
 
 @functools.cache
@@ -148,18 +148,17 @@ def _array(t3: Tensor, kind: str) -> np.ndarray:
 def _empty(x3: Tensor, kind: str) -> Tensor:
     """An uninitialized tensor of ``x3``'s shape and dtype in the given layout.
 
-    Outputs of ``HUGE_PAGE_BYTES`` or more are allocated the way NumPy allocates large arrays,
-    with huge pages advised: the C allocator maps such blocks afresh on every call (glibc's
-    ``mmap`` threshold stops growing at 32 MiB), and 2 MiB pages fault them in 512 times less
-    often than 4 KiB ones, which for a 50 MB output saves about as long as the kernel takes.
-    Smaller outputs come from torch's allocator, whose freed blocks are reused without faults;
-    advising huge pages there would only risk a stall while the OS compacts memory.
+    Outputs of ``cpu_buffers.MIN_BYTES`` or more come from the backend's buffer pool, which
+    reuses the memory of outputs no tensor refers to any more: without it the C allocator maps
+    such blocks afresh on every call, and their first-touch page faults take about as long as
+    the kernel that fills them (see ``batchnorm.kernels.cpu_buffers``). Smaller outputs come
+    from torch's allocator, whose freed blocks are reused without faults.
     """
     n, c, length = x3.shape
     shape = (n, c, length) if kind != ROWS else (n, length, c)
-    if x3.numel() * x3.element_size() >= HUGE_PAGE_BYTES:
+    if x3.numel() * x3.element_size() >= cpu_buffers.MIN_BYTES:
         dtype = np.float32 if x3.dtype == torch.float32 else np.float64
-        out = torch.from_numpy(np.empty(shape, dtype))
+        out = torch.from_numpy(cpu_buffers.pool().empty(shape, dtype))
     else:
         out = torch.empty(shape, dtype=x3.dtype)
     return out if kind != ROWS else out.transpose(1, 2)
