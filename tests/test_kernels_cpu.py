@@ -313,3 +313,66 @@ def test_backward_refuses_a_relu_mask():
     x3 = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="ReLU"):
         cpu.backward(x3, x3, x3, torch.zeros(3), torch.ones(3), None, True)
+
+
+def _running_case(running_dtype, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    c = 37
+    running = (torch.randn(c, generator=g, dtype=running_dtype),
+               torch.rand(c, generator=g, dtype=running_dtype) + 0.5)
+    batch = torch.randn(c, generator=g) * 3 + 1, torch.rand(c, generator=g) + 0.1
+    return running, batch
+
+
+# (momentum, whether the layer keeps a counter); the cumulative average needs one.
+UPDATES = {"momentum0.1": (0.1, True), "momentum0.7": (0.7, True), "cumulative": (None, True),
+           "momentum0.1_no_counter": (0.1, False), "momentum0.7_no_counter": (0.7, False)}
+
+
+@grid("update", list(UPDATES.values()), ids=list(UPDATES))
+@grid("running_dtype", DTYPES, ids=["float32", "float64"])
+def test_update_running_stats_matches_the_eager_specification(update, running_dtype):
+    momentum, counter = update
+    (running_mean, running_var), (mean, var) = _running_case(running_dtype)
+    spec_mean, spec_var = running_mean.double(), running_var.double()
+    count = torch.tensor(4) if counter else None
+    spec_count = torch.tensor(4) if counter else None
+    for step, m in enumerate((12, 2, 30)):  # several batches, each of m values per channel
+        cpu.update_running_stats(running_mean, running_var, count, mean + step, var * (step + 1),
+                                 m, momentum)
+        _eager.update_running_stats(spec_mean, spec_var, spec_count, (mean + step).double(),
+                                    (var * (step + 1)).double(), m, momentum)
+    assert_close(running_mean, spec_mean, running_dtype)
+    assert_close(running_var, spec_var, running_dtype)
+    if counter:
+        assert count.item() == spec_count.item() == 7
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@grid("bad", ["nan_mean", "inf_var", "neg_inf_mean"])
+@grid("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+def test_update_running_stats_skips_a_non_finite_batch_counter_included(bad, momentum):
+    (running_mean, running_var), (mean, var) = _running_case(torch.float32)
+    count = torch.tensor(7)
+    target, value = {"nan_mean": (mean, float("nan")), "inf_var": (var, float("inf")),
+                     "neg_inf_mean": (mean, -float("inf"))}[bad]
+    target[30] = value
+    before = running_mean.clone(), running_var.clone()
+    cpu.update_running_stats(running_mean, running_var, count, mean, var, 8, momentum)
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+    assert count.item() == 7
+
+
+def test_update_running_stats_hands_other_tensors_to_the_eager_function():
+    # A strided running_mean, and a counter of another dtype: same result as the specification.
+    storage = torch.zeros(6)
+    running_mean, running_var = storage[::2], torch.ones(3)
+    count = torch.tensor(2, dtype=torch.int32)
+    cpu.update_running_stats(running_mean, running_var, count, torch.ones(3), torch.ones(3), 4,
+                             None)
+    assert count.item() == 3
+    assert_close(running_mean, torch.full((3,), 1 / 3, dtype=torch.float64), torch.float32)
+    assert storage[1::2].eq(0).all()  # the values between the strided ones stay untouched
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        cpu.update_running_stats(torch.zeros(3), torch.ones(3), None, torch.ones(3),
+                                 torch.ones(3), 4, None)

@@ -9,7 +9,9 @@ place, in one of two loop orders (``loop_order``):
 * ``"rows"``: channels-last input (strides ``(L*C, 1, C)``) as its ``(N*L, C)`` rows, a view of
   the transpose; ``L == 1`` takes this order too, as its rows are contiguous either way.
 
-Outputs come back in the input's layout. numba is optional: this module imports without it
+Outputs come back in the input's layout; large ones reuse the memory of earlier outputs
+(``batchnorm.kernels.cpu_buffers``). The running statistics are updated by a compiled kernel
+too (``update_running_stats``). numba is optional: this module imports without it
 (``available()`` is then ``False``), numba is imported on the first kernel call, and each kernel
 compiles on its first call for a dtype and layout (cached on disk by numba afterwards).
 float32 and float64 run here; float16/bfloat16, other devices and the fused residual/ReLU
@@ -294,3 +296,36 @@ def backward(
     with _threads_for(x3.numel()):
         _kernel("backward_" + kind)(*args)
     return dx3, dweight, dbias, None
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    mean: Tensor, var: Tensor, m: int, momentum: float | None,
+) -> None:
+    """The running-estimate update of ``batchnorm._eager.update_running_stats``, compiled:
+    the same rule and guard (a batch with any non-finite statistic changes nothing, the counter
+    included) at a fraction of the per-call cost of its half-dozen torch ops. Tensors it does
+    not take (not contiguous CPU float vectors, or a counter that is not an int64 scalar) go
+    to the eager function.
+
+    >>> rm, rv, count = torch.zeros(2), torch.ones(2), torch.tensor(0)
+    >>> update_running_stats(rm, rv, count, torch.tensor([1.0, 2.0]), torch.ones(2), 5, 0.5)
+    >>> rm.tolist(), rv.tolist(), count.item()
+    ([0.5, 1.0], [1.125, 1.125], 1)
+    """
+    vectors = (running_mean, running_var, mean, var)
+    counter_ok = num_batches_tracked is None or (
+        num_batches_tracked.dtype == torch.int64 and num_batches_tracked.numel() == 1
+        and num_batches_tracked.device.type == "cpu")
+    if (m < 2 or (momentum is None and num_batches_tracked is None) or not counter_ok
+            or not all(v.device.type == "cpu" and v.dtype in DTYPES and v.is_contiguous()
+                       for v in vectors)):
+        # The eager function runs these, and raises what it raises for the invalid ones.
+        _eager.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                    m, momentum)
+        return
+    count = (np.empty(0, np.int64) if num_batches_tracked is None
+             else num_batches_tracked.view(1).numpy())
+    arrays = [v.detach().numpy() for v in vectors]
+    _kernel("update_running_stats")(*arrays[:2], count, *arrays[2:], m / (m - 1),
+                                    -1.0 if momentum is None else float(momentum))

@@ -256,3 +256,32 @@ def forward_eval_rows(x, scale, shift, y):
             out = y[r]
             for c in range(channels):
                 out[c] = row[c] * scale[c] + shift[c]
+
+
+@njit(**JIT)
+def update_running_stats(running_mean, running_var, count, mean, var, bessel, momentum):
+    """The running-estimate update of ``batchnorm._eager.update_running_stats``, in place.
+
+    ``running = running + factor * (batch - running)`` in float64, rounded once into the
+    running arrays' dtype, with ``var * bessel`` (``bessel = m / (m - 1)``) as the batch's
+    variance. ``factor`` is ``momentum``, or ``1 / count`` after counting this batch when
+    ``momentum < 0`` (the cumulative average). ``count`` is a 1-element int64 array, or empty
+    when the layer keeps no counter. A batch with any non-finite statistic changes nothing.
+
+    >>> rm, rv, count = np.zeros(2), np.ones(2), np.array([1])
+    >>> update_running_stats(rm, rv, count, np.array([2.0, 4.0]), np.ones(2), 2.0, -1.0)
+    >>> rm.tolist(), rv.tolist(), count.tolist()
+    ([1.0, 2.0], [1.5, 1.5], [2])
+    """
+    for c in range(mean.shape[0]):
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            return
+    if count.shape[0] > 0:
+        count[0] += 1
+    factor = momentum
+    if momentum < 0.0:
+        factor = 1.0 / max(count[0], 1)
+    for c in range(mean.shape[0]):
+        old_mean, old_var = np.float64(running_mean[c]), np.float64(running_var[c])
+        running_mean[c] = old_mean + factor * (np.float64(mean[c]) - old_mean)
+        running_var[c] = old_var + factor * (np.float64(var[c]) * bessel - old_var)
