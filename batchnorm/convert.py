@@ -14,12 +14,13 @@ _REPLACEMENTS: dict[type, type] = {
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by this package's, in place.
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` in ``module`` by this
+    package's, in place.
 
     The new layers take over the old ones' parameter and buffer tensors themselves (so an
     optimizer built before the call still updates them), their hyperparameters and their
-    training mode; device and dtype follow. Subclasses of torch's layers are left alone, since
-    their behaviour may differ.
+    training mode (and a ``SyncBatchNorm``'s process group); device and dtype follow. Subclasses
+    of torch's layers are left alone, since their behaviour may differ.
 
     Args:
         module: a model, or a single batch-norm layer.
@@ -39,6 +40,12 @@ def convert(module: nn.Module) -> nn.Module:
     replacement = _REPLACEMENTS.get(type(module))
     if replacement is not None:
         return _take_over(module, replacement)
+    if type(module) is nn.SyncBatchNorm:
+        from batchnorm.sync import SyncBatchNorm  # imported here: sync imports this module
+
+        new = _take_over(module, SyncBatchNorm)
+        new.process_group = module.process_group
+        return new
     for name, child in module.named_children():
         new = convert(child)
         if new is not child:

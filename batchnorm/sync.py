@@ -29,7 +29,7 @@ from batchnorm import functional as F
 from batchnorm.convert import _take_over
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                 BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
@@ -129,7 +129,8 @@ class SyncBatchNorm(_BatchNorm):
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module,
                                process_group: dist.ProcessGroup | None = None) -> nn.Module:
-        """Replace every ``BatchNorm1d/2d/3d`` (torch's or this package's) by a ``SyncBatchNorm``.
+        """Replace every ``BatchNorm1d/2d/3d`` (torch's or this package's) and torch's
+        ``SyncBatchNorm`` by this package's ``SyncBatchNorm``.
 
         The new layers take over the old ones' parameter and buffer tensors themselves (an
         optimizer built before still updates them), their hyperparameters and training mode.

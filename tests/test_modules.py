@@ -190,3 +190,20 @@ def test_convert_a_single_layer_returns_the_replacement():
     layer = torch.nn.BatchNorm1d(3, track_running_stats=False)
     new = batchnorm.convert(layer)
     assert type(new) is batchnorm.BatchNorm1d and new.running_mean is None
+
+
+def test_convert_replaces_torch_sync_batchnorm_keeping_its_process_group():
+    torch.manual_seed(0)
+    group = object()  # stands for a process group: the attribute is carried over as it is
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.SyncBatchNorm(3, momentum=0.3))
+    model[1].process_group = group
+    reference = copy.deepcopy(model)
+    reference[1].process_group = None
+    weight = model[1].weight
+    batchnorm.convert(model)
+    assert type(model[1]) is batchnorm.SyncBatchNorm and model[1].weight is weight
+    assert model[1].process_group is group and model[1].momentum == 0.3
+    model[1].process_group = None  # not distributed here: both layers are plain batch norm
+    x = torch.randn(6, 4)
+    assert_close(model(x), reference(x), torch.float32)
+    assert_close(model[1].running_var, reference[1].running_var, torch.float32)

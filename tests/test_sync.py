@@ -186,12 +186,14 @@ def test_without_a_process_group_it_is_batch_norm():
 
 def test_convert_keeps_tensors_mode_and_hyperparameters():
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1), torch.nn.BatchNorm1d(3, eps=1e-3),
-                                batchnorm.BatchNorm2d(3, momentum=None))
+                                batchnorm.BatchNorm2d(3, momentum=None),
+                                torch.nn.SyncBatchNorm(3, momentum=0.2))
     model[2].eval()
     weight, running_var = model[1].weight, model[1].running_var
     out = SyncBatchNorm.convert_sync_batchnorm(model, process_group="group")
     assert out is model
-    assert type(model[1]) is SyncBatchNorm and type(model[2]) is SyncBatchNorm
+    assert all(type(model[i]) is SyncBatchNorm for i in (1, 2, 3))
+    assert model[3].momentum == 0.2 and model[3].process_group == "group"
     assert model[1].weight is weight and model[1].running_var is running_var
     assert model[1].eps == 1e-3 and model[2].momentum is None
     assert model[1].training and not model[2].training
