@@ -18,7 +18,10 @@ CUDA caching allocator does on the GPU.
   turns it off); :func:`empty_cache` returns the idle buffers to the operating system.
 
 Buffers come from NumPy, which advises huge pages for large arrays: the first touch of a new
-buffer faults 512 times less often than with 4 KiB pages.
+buffer faults 512 times less often than with 4 KiB pages. The tensors are made with
+``torch.from_numpy``, so, like any such tensor, they cannot grow in place (``resize_`` to more
+elements, or ``out=`` a larger result, raises "storage that is not resizable"); everything
+else about them is ordinary.
 """
 
 from __future__ import annotations
