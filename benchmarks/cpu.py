@@ -8,9 +8,11 @@ Times, for each shape and memory format of ``ROWS``:
   ``$BATCHNORM_BACKEND`` set, against ``torch.nn.BatchNorm2d``/``1d``), the gradients of the
   input, weight and bias taken with ``torch.autograd.grad``,
 
-for the ``numba`` and ``eager`` backends. Each figure is the median of ``--repeats`` timed runs
-after one warm-up; torch.nn and numba take turns within each round, so a change in the
-machine's load touches them alike (eager, much slower, is timed in rounds of its own).
+for the ``numba`` backend (also with its output pool off, every output from torch's allocator
+as torch.nn's are: the ``no pool`` columns) and the ``eager`` backend. Each figure is the
+median of ``--repeats`` timed runs after one warm-up; torch.nn and numba take turns within each
+round, so a change in the machine's load touches them alike (eager, much slower, is timed in
+rounds of its own).
 Achieved bandwidth counts the minimal traffic for an input of ``S`` bytes: ``3 S`` for the
 forward (read for the statistics, read and write to normalize) and ``3 S + 5 S`` for forward +
 backward (the backward reads x and dy for its sums, then reads x and dy and writes dx). The
