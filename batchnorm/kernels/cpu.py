@@ -3,11 +3,13 @@
 Same functions and signatures as ``batchnorm._eager`` (the specification), on the canonical
 ``(N, C, L)`` view. The tensors are handed to the kernels of ``batchnorm.kernels.cpu_kernels``
 (forward) and ``cpu_kernels_backward`` as NumPy views of their own memory, read and written in
-place, in one of two loop orders (``loop_order``):
+place, in one of two loop orders (``loop_order``), each streaming through memory in order:
 
-* ``"ncl"``: contiguous input as it is, one parallel task per block of channels;
+* ``"ncl"``: contiguous input as its ``N*C`` rows of ``L`` values;
 * ``"rows"``: channels-last input (strides ``(L*C, 1, C)``) as its ``(N*L, C)`` rows, a view of
   the transpose; ``L == 1`` takes this order too, as its rows are contiguous either way.
+
+The rows are cut into ``row_chunks`` fixed chunks, the units of parallel work.
 
 Outputs come back in the input's layout; large ones reuse the memory of earlier outputs
 (``batchnorm.kernels.cpu_buffers``). The running statistics are updated by a compiled kernel
@@ -32,8 +34,8 @@ from batchnorm.kernels import cpu_buffers
 
 DTYPES = (torch.float32, torch.float64)
 NCL, ROWS = "ncl", "rows"  # the loop orders, see the module docstring
-RUN = 1024  # ncl: values per contiguous run at least (4 KiB of float32 streams well) ...
-MIN_BLOCKS = 16  # ... unless that leaves fewer channel blocks than this for threads to share
+CHUNKS = 64  # chunks of rows at most: work for up to 64 threads ...
+MIN_CHUNK_VALUES = 16  # ... each holding this many values per channel at least (see row_chunks)
 # Inputs with fewer elements run on one thread: waking the thread pool costs more than the
 # second thread saves (and waits for a timeslice when the machine is busy). Results are
 # bitwise the same either way (the kernels' partitions do not depend on the thread count).
@@ -121,17 +123,23 @@ def _threads_for(numel: int):
         numba.set_num_threads(previous)
 
 
-def channel_block(channels: int, length: int) -> int:
-    """Channels per parallel task of the ``ncl`` kernels.
+def row_chunks(rows: int, per_channel: int) -> int:
+    """How many chunks of consecutive rows the kernels cut their ``rows`` rows into.
 
-    One when rows are long; with short rows, enough channels to read runs of ``RUN`` values in
-    memory order (short runs a stride apart stall on memory), but at most ``C / MIN_BLOCKS``.
-    A function of the shape only, so results never depend on the thread count.
+    ``CHUNKS``, or fewer so that every chunk holds ``MIN_CHUNK_VALUES`` values per channel on
+    average (``per_channel = N * L`` in all): each chunk keeps two float64 partial sums per
+    channel, which then take at most a quarter of a float32 input's bytes. A function of the
+    shape only, so results never depend on the thread count.
 
-    >>> channel_block(64, 3136), channel_block(512, 49), channel_block(3, 7)
-    (1, 21, 1)
+    >>> row_chunks(64 * 512, 64 * 49), row_chunks(12544, 12544), row_chunks(6, 14)
+    (64, 64, 1)
     """
-    return max(1, min(-(-RUN // length), channels // MIN_BLOCKS))
+    return max(1, min(CHUNKS, rows, per_channel // MIN_CHUNK_VALUES))
+
+
+def _chunks(x3: Tensor, kind: str) -> int:
+    n, c, length = x3.shape
+    return row_chunks(n * c if kind == NCL else n * length, n * length)
 
 
 def _array(t3: Tensor, kind: str) -> np.ndarray:
@@ -205,9 +213,7 @@ def forward_train(
     mean, rstd, var = (torch.empty(channels, dtype=acc) for _ in range(3))
     args = [_array(x3, kind), _per_channel(weight, channels, 1.0),
             _per_channel(bias, channels, 0.0), float(eps), _array(y3, kind),
-            mean.numpy(), rstd.numpy(), var.numpy()]
-    if kind == NCL:
-        args.append(channel_block(channels, x3.shape[2]))
+            mean.numpy(), rstd.numpy(), var.numpy(), _chunks(x3, kind)]
     with _threads_for(x3.numel()):
         _kernel("forward_train_" + kind)(*args)
     return y3, mean, rstd, var
@@ -290,9 +296,8 @@ def backward(
     dx = _array(dx3, kind) if need_dx else np.empty((0,) * x.ndim, x.dtype)
     args = [_array(dy3.to(x3.dtype), kind), x, mean.detach().contiguous().numpy(),
             rstd.detach().contiguous().numpy(), _per_channel(weight, channels, 1.0),
-            bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy()]
-    if kind == NCL:
-        args.append(channel_block(channels, x3.shape[2]))
+            bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy(),
+            _chunks(x3, kind)]
     with _threads_for(x3.numel()):
         _kernel("backward_" + kind)(*args)
     return dx3, dweight, dbias, None

@@ -1,19 +1,16 @@
 """Compiled CPU kernels (numba) for the batch-norm forward, on NumPy views of torch tensors.
 
-Two loop orders, one per layout of the canonical ``(N, C, L)`` view:
+Two loop orders, one per layout of the canonical ``(N, C, L)`` view, both streaming through
+memory in order:
 
-* ``*_ncl`` (contiguous ``(N, C, L)``): each parallel task owns a block of channels. It sums
-  the block's statistics and then normalizes the block while its slice (``N * L`` values per
-  channel) is still in the core's cache, so the input crosses the memory bus once for both
-  passes when the slice fits. Blocks hold one channel when rows are long; with short rows
-  (``L`` of a few dozen) they hold enough channels to read runs of a thousand values in memory
-  order, since short runs a stride apart stall on memory (the caller picks the block size).
-* ``*_rows`` (channels-last): the ``(R, C)`` array of ``R = N * L`` rows is cut into
-  ``min(R, CHUNKS)`` fixed chunks; each chunk sums into its own per-channel partials, which are
-  merged in chunk order, then each chunk is normalized.
+* ``*_ncl`` (contiguous ``(N, C, L)``): the ``N * C`` rows of ``L`` values, each of one channel;
+* ``*_rows`` (channels-last): the ``(R, C)`` array of ``R = N * L`` rows, each holding every
+  channel once.
 
-Blocks and chunks depend on the shape only, never on the thread count, so every result is
-bitwise reproducible.
+Either way the rows are cut into ``n_chunks`` fixed chunks of consecutive rows (the caller picks
+the count from the shape). Each chunk sums into its own per-channel partials; the partials are
+merged in chunk order into the statistics; then each chunk is normalized. Chunks depend on the
+shape only, never on the thread count, so every result is bitwise reproducible.
 
 Numerical decisions:
 
@@ -47,7 +44,6 @@ except ImportError:  # numba is optional: the backend reports available() == Fal
 
     prange = range
 
-CHUNKS = 64  # row chunks of the ``rows`` kernels: enough for 64 threads, partials stay small
 SUM_FLAGS = {"reassoc", "contract"}  # see the module docstring
 JIT = {"cache": True, "nogil": True}
 
@@ -115,8 +111,8 @@ def finish_statistics(partial, pivot, m, weight, bias, eps, mean, rstd, var, coe
 
 
 @njit(parallel=True, **JIT)
-def forward_train_ncl(x, weight, bias, eps, y, mean, rstd, var, block):
-    """Algorithm 1 on a contiguous ``(N, C, L)`` array, one fused task per channel block.
+def forward_train_ncl(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
+    """Algorithm 1 on a contiguous ``(N, C, L)`` array, as its ``N * C`` rows in memory order.
 
     Args:
         x: ``(N, C, L)`` C-contiguous float32/float64 input.
@@ -124,32 +120,35 @@ def forward_train_ncl(x, weight, bias, eps, y, mean, rstd, var, block):
         eps: added to the variance.
         y: ``(N, C, L)`` output, x's dtype and layout.
         mean, rstd, var: ``(C,)`` outputs (biased variance), any float dtype.
-        block: channels per parallel task (the last block may hold fewer).
+        n_chunks: how many chunks of consecutive rows to cut the ``N * C`` rows into
+            (``1 <= n_chunks <= N * C``).
 
     >>> x = np.arange(12.0).reshape(2, 3, 2)
     >>> y, mean, rstd, var = np.empty_like(x), np.empty(3), np.empty(3), np.empty(3)
-    >>> forward_train_ncl(x, np.ones(3), np.zeros(3), 0.0, y, mean, rstd, var, 2)
+    >>> forward_train_ncl(x, np.ones(3), np.zeros(3), 0.0, y, mean, rstd, var, 4)
     >>> mean.tolist(), var.tolist()
     ([3.5, 5.5, 7.5], [9.25, 9.25, 9.25])
     """
     n_batch, channels, length = x.shape
-    coef = np.empty((2, channels), x.dtype)  # scale, shift rounded to x's dtype
-    for j in prange((channels + block - 1) // block):
-        c0 = j * block
-        c1 = min(c0 + block, channels)
-        sums = np.zeros((2, c1 - c0))  # this task's own: no cache line shared with another
-        for n in range(n_batch):
-            for c in range(c0, c1):  # one run of (c1 - c0) * L values in memory order
-                t1, t2 = shifted_sums(x[n, c], np.float64(x[0, c, 0]))
-                sums[0, c - c0] += t1
-                sums[1, c - c0] += t2
-        for c in range(c0, c1):
-            mean[c], var[c], rstd[c], coef[0, c], coef[1, c] = statistics(
-                sums[0, c - c0], sums[1, c - c0], n_batch * length, np.float64(x[0, c, 0]),
-                weight[c], bias[c], eps)
-        for n in range(n_batch):  # the block's slice again, from the cache when it fits
-            for c in range(c0, c1):
-                affine(x[n, c], x[0, c, 0], coef[0, c], coef[1, c], y[n, c])
+    rows = n_batch * channels
+    pivot = x[0, :, 0].astype(np.float64)
+    partial = np.empty((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
+        for i in range(start, stop):
+            n, c = divmod(i, channels)
+            t1, t2 = shifted_sums(x[n, c], pivot[c])
+            partial[k, 0, c] += t1
+            partial[k, 1, c] += t2
+    coef = np.empty((3, channels), x.dtype)  # pivot, scale, shift in x's dtype
+    finish_statistics(partial, x[0, :, 0], n_batch * length, weight, bias, eps, mean, rstd, var,
+                      coef)
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        for i in range(start, stop):
+            n, c = divmod(i, channels)
+            affine(x[n, c], coef[0, c], coef[1, c], coef[2, c], y[n, c])
 
 
 @njit(**JIT)
@@ -188,20 +187,19 @@ def _affine_rows(x, start, stop, pivot, scale, shift, y):
 
 
 @njit(parallel=True, **JIT)
-def forward_train_rows(x, weight, bias, eps, y, mean, rstd, var):
+def forward_train_rows(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
     """Algorithm 1 on channels-last input seen as ``(R, C)`` rows (``R = N * L``).
 
-    Arguments as :func:`forward_train_ncl` (no ``block``), with ``x`` and ``y`` of shape
-    ``(R, C)``.
+    Arguments as :func:`forward_train_ncl`, with ``x`` and ``y`` of shape ``(R, C)`` and
+    ``1 <= n_chunks <= R``.
 
     >>> x = np.arange(12.0).reshape(4, 3)
     >>> y, mean, rstd, var = np.empty_like(x), np.empty(3), np.empty(3), np.empty(3)
-    >>> forward_train_rows(x, np.ones(3), np.zeros(3), 0.0, y, mean, rstd, var)
+    >>> forward_train_rows(x, np.ones(3), np.zeros(3), 0.0, y, mean, rstd, var, 3)
     >>> mean.tolist(), var.tolist(), np.round(y[:, 0] * np.sqrt(5.0), 12).tolist()
     ([4.5, 5.5, 6.5], [11.25, 11.25, 11.25], [-3.0, -1.0, 1.0, 3.0])
     """
     rows, channels = x.shape
-    n_chunks = min(rows, CHUNKS)
     pivot = x[0].astype(np.float64)
     partial = np.empty((n_chunks, 2, channels))
     for k in prange(n_chunks):
@@ -247,15 +245,11 @@ def forward_eval_rows(x, scale, shift, y):
     >>> y.tolist()
     [[2.5, 2.0], [2.5, 2.0], [2.5, 2.0]]
     """
-    rows, channels = x.shape
-    n_chunks = min(rows, CHUNKS)
-    for k in prange(n_chunks):
-        start, stop = chunk(k, n_chunks, rows)
-        for r in range(start, stop):
-            row = x[r]
-            out = y[r]
-            for c in range(channels):
-                out[c] = row[c] * scale[c] + shift[c]
+    for r in prange(x.shape[0]):
+        row = x[r]
+        out = y[r]
+        for c in range(row.shape[0]):
+            out[c] = row[c] * scale[c] + shift[c]
 
 
 @njit(**JIT)

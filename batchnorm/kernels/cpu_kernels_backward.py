@@ -1,8 +1,8 @@
 """Compiled CPU kernels (numba) for the batch-norm backward: two sums in one pass, then ``dx``.
 
-The loop orders (``ncl`` channel blocks, ``rows`` chunks) and the numerical rules are those of
-``batchnorm.kernels.cpu_kernels``. With ``x_hat = (x - mean) * rstd``,
-``a = weight * rstd`` and ``m = N * L`` values per channel:
+The loop orders (``ncl`` and ``rows``, each cut into fixed chunks of rows), the chunked sums
+merged in chunk order, and the numerical rules are those of ``batchnorm.kernels.cpu_kernels``.
+With ``x_hat = (x - mean) * rstd``, ``a = weight * rstd`` and ``m = N * L`` values per channel:
 
     dbias   = sum(dy)
     dweight = sum(dy * x_hat) = rstd * sum(dy * (x - mean))
@@ -10,10 +10,9 @@ The loop orders (``ncl`` channel blocks, ``rows`` chunks) and the numerical rule
             = a * dy + b * (x - mean) + c0,   b = -a * rstd * dweight / m,  c0 = -a * dbias / m
     dx      = a * dy                                                (inference)
 
-The two sums read ``x`` and ``dy`` once, in float64; ``dx`` is a second pass (from the cache
-for the ``ncl`` order) in the input's dtype, where ``x - mean`` cancels exactly for values
-near the mean. In inference ``x`` does not enter ``dx`` at all, so an inf in ``x`` leaves it
-finite, as in the eager specification.
+The two sums read ``x`` and ``dy`` once, in float64; ``dx`` is a second pass in the input's
+dtype, where ``x - mean`` cancels exactly for values near the mean. In inference ``x`` does
+not enter ``dx`` at all, so an inf in ``x`` leaves it finite, as in the eager specification.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import numpy as np
 # numba's on-disk cache keys a kernel on its own file only: after editing a helper or constant
 # imported from cpu_kernels, delete batchnorm/kernels/__pycache__ so this file's kernels rebuild.
 from batchnorm.kernels.cpu_kernels import (
-    CHUNKS,
     JIT,
     SUM_FLAGS,
     chunk,
@@ -77,8 +75,8 @@ def finish_grads(partial, m, mean, rstd, weight, dweight, dbias, coef):
 
 
 @njit(parallel=True, **JIT)
-def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias, block):
-    """Gradients on contiguous ``(N, C, L)`` arrays, one task per channel block.
+def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias, n_chunks):
+    """Gradients on contiguous ``(N, C, L)`` arrays, as their ``N * C`` rows in memory order.
 
     Args:
         dy, x: ``(N, C, L)`` C-contiguous, one dtype.
@@ -86,12 +84,12 @@ def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbia
         training: whether ``dx`` flows through the batch statistics.
         need_dx: whether to write ``dx`` (an ``(N, C, L)`` array, else unused).
         dweight, dbias: ``(C,)`` outputs.
-        block: channels per parallel task (the last block may hold fewer).
+        n_chunks: how many chunks of consecutive rows to cut the ``N * C`` rows into.
 
     >>> x = np.array([[[1.0, 3.0]], [[5.0, 7.0]]])
     >>> dy, dx, dw, db = np.ones_like(x), np.empty_like(x), np.empty(1), np.empty(1)
     >>> args = np.array([4.0]), np.array([0.5]), np.ones(1)
-    >>> backward_ncl(dy, x, *args, True, True, dx, dw, db, 1)
+    >>> backward_ncl(dy, x, *args, True, True, dx, dw, db, 2)
     >>> db.tolist(), dw.tolist(), dx.ravel().tolist()
     ([4.0], [0.0], [0.0, 0.0, 0.0, 0.0])
     >>> backward_ncl(x - 4.0, x, *args, False, True, dx, dw, db, 1)
@@ -99,26 +97,26 @@ def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbia
     ([0.0], [10.0], [-1.5, -0.5, 0.5, 1.5])
     """
     n_batch, channels, length = x.shape
+    rows = n_batch * channels
+    mu = mean.astype(np.float64)
+    partial = np.empty((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
+        for i in range(start, stop):
+            n, c = divmod(i, channels)
+            t_dy, t_dyx = grad_sums(dy[n, c], x[n, c], mu[c])
+            partial[k, 0, c] += t_dy
+            partial[k, 1, c] += t_dyx
     coef = np.empty((4, channels), x.dtype)  # mean, a, b, c0 in x's dtype
-    for j in prange((channels + block - 1) // block):
-        c0 = j * block
-        c1 = min(c0 + block, channels)
-        sums = np.zeros((2, c1 - c0))  # this task's own: no cache line shared with another
-        for n in range(n_batch):
-            for c in range(c0, c1):
-                t_dy, t_dyx = grad_sums(dy[n, c], x[n, c], np.float64(mean[c]))
-                sums[0, c - c0] += t_dy
-                sums[1, c - c0] += t_dyx
-        for c in range(c0, c1):
-            dbias[c] = sums[0, c - c0]
-            dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
-                sums[0, c - c0], sums[1, c - c0], n_batch * length, mean[c], rstd[c], weight[c])
-            coef[0, c] = mean[c]
-        if need_dx:
-            for n in range(n_batch):  # from the cache when the block's slice fits
-                for c in range(c0, c1):
-                    grad_input(dy[n, c], x[n, c], coef[0, c], coef[1, c], coef[2, c],
-                               coef[3, c], training, dx[n, c])
+    finish_grads(partial, n_batch * length, mean, rstd, weight, dweight, dbias, coef)
+    if need_dx:
+        for k in prange(n_chunks):
+            start, stop = chunk(k, n_chunks, rows)
+            for i in range(start, stop):
+                n, c = divmod(i, channels)
+                grad_input(dy[n, c], x[n, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c],
+                           training, dx[n, c])
 
 
 @njit(**JIT)
@@ -165,21 +163,20 @@ def _grad_input_rows(dy, x, start, stop, coef, training, dx):
 
 
 @njit(parallel=True, **JIT)
-def backward_rows(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias):
+def backward_rows(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias, n_chunks):
     """Gradients on channels-last ``(R, C)`` rows: chunked partial sums, merge, then ``dx``.
 
-    Arguments as :func:`backward_ncl` (no ``block``), with ``dy``, ``x`` and ``dx`` of shape
-    ``(R, C)``.
+    Arguments as :func:`backward_ncl`, with ``dy``, ``x`` and ``dx`` of shape ``(R, C)`` and
+    ``1 <= n_chunks <= R``.
 
     >>> x = np.array([[1.0], [3.0], [5.0], [7.0]])
     >>> dy, dx, dw, db = x - 4.0, np.empty_like(x), np.empty(1), np.empty(1)
     >>> args = np.array([4.0]), np.array([0.5]), np.ones(1)
-    >>> backward_rows(dy, x, *args, False, True, dx, dw, db)
+    >>> backward_rows(dy, x, *args, False, True, dx, dw, db, 3)
     >>> db.tolist(), dw.tolist(), dx.ravel().tolist()
     ([0.0], [10.0], [-1.5, -0.5, 0.5, 1.5])
     """
     rows, channels = x.shape
-    n_chunks = min(rows, CHUNKS)
     mu = mean.astype(np.float64)
     partial = np.empty((n_chunks, 2, channels))
     for k in prange(n_chunks):
