@@ -86,6 +86,13 @@ def chunk(k, n_chunks, rows):
 
 
 @njit(**JIT)
+def quarters(start, stop):
+    """Rows per quarter of ``[start, stop)``: row ``r`` of the first quarter is swept together
+    with ``r + q``, ``r + 2q`` and ``r + 3q``; the last ``(stop - start) % 4`` rows come after."""
+    return (stop - start) // 4
+
+
+@njit(**JIT)
 def merge(partial):
     """``partial[k]`` summed over chunks ``k`` in order (row by row, so that it vectorizes)."""
     total = partial[0].copy()
@@ -156,19 +163,20 @@ def _shifted_sums_rows(x, start, stop, pivot, s1, s2):
     """Add ``x - pivot`` and its square, per channel, over rows ``[start, stop)``.
 
     Four rows per sweep: the sweep is bound by loading and storing the per-channel partials,
-    not by memory, so they are updated once per four rows instead of once per row.
+    not by memory, so they are updated once per four rows instead of once per row. The four
+    are one from each quarter of the range (``quarters``), so that each quarter streams
+    through memory on its own, as the hardware prefetchers follow best.
     """
-    r = start
-    while r + 4 <= stop:
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+    q = quarters(start, stop)
+    for r in range(start, start + q):
+        x0, x1, x2, x3 = x[r], x[r + q], x[r + 2 * q], x[r + 3 * q]
         for c in range(x0.shape[0]):
             p = pivot[c]
             d0, d1 = np.float64(x0[c]) - p, np.float64(x1[c]) - p
             d2, d3 = np.float64(x2[c]) - p, np.float64(x3[c]) - p
             s1[c] += (d0 + d1) + (d2 + d3)
             s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for i in range(r, stop):
+    for i in range(start + 4 * q, stop):
         row = x[i]
         for c in range(row.shape[0]):
             d = np.float64(row[c]) - pivot[c]

@@ -28,6 +28,7 @@ from batchnorm.kernels.cpu_kernels import (
     merge,
     njit,
     prange,
+    quarters,
 )
 
 
@@ -123,12 +124,13 @@ def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbia
 def _grad_sums_rows(dy, x, start, stop, mu, s_dy, s_dyx):
     """Add ``dy`` and ``dy * (x - mu)``, per channel, over rows ``[start, stop)``.
 
-    Four rows per sweep, as ``cpu_kernels._shifted_sums_rows`` and for the same reason.
+    Four rows per sweep, one from each quarter of the range, as
+    ``cpu_kernels._shifted_sums_rows`` and for the same reasons.
     """
-    r = start
-    while r + 4 <= stop:
-        g0, g1, g2, g3 = dy[r], dy[r + 1], dy[r + 2], dy[r + 3]
-        x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+    q = quarters(start, stop)
+    for r in range(start, start + q):
+        g0, g1, g2, g3 = dy[r], dy[r + q], dy[r + 2 * q], dy[r + 3 * q]
+        x0, x1, x2, x3 = x[r], x[r + q], x[r + 2 * q], x[r + 3 * q]
         for c in range(x0.shape[0]):
             m = mu[c]
             a0, a1 = np.float64(g0[c]), np.float64(g1[c])
@@ -136,8 +138,7 @@ def _grad_sums_rows(dy, x, start, stop, mu, s_dy, s_dyx):
             s_dy[c] += (a0 + a1) + (a2 + a3)
             s_dyx[c] += ((a0 * (np.float64(x0[c]) - m) + a1 * (np.float64(x1[c]) - m))
                          + (a2 * (np.float64(x2[c]) - m) + a3 * (np.float64(x3[c]) - m)))
-        r += 4
-    for i in range(r, stop):
+    for i in range(start + 4 * q, stop):
         g_row = dy[i]
         x_row = x[i]
         for c in range(x_row.shape[0]):
