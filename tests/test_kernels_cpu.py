@@ -2,9 +2,10 @@
 
 Truths: float64 ``torch.nn.functional.batch_norm`` (outputs, and its autograd for the
 gradients) and the eager specification ``batchnorm._eager`` run in float64 on the same values.
-Every case runs in both loop orders of the kernels (``ncl`` on contiguous input, ``rows`` on
-channels-last), each with the chunks of rows the backend picks and with three chunks forced
-(uneven, and cutting samples apart), in float32 and float64, with non-trivial weight/bias and
+Every case runs in every loop order of the kernels: contiguous input in channel blocks (of one
+channel, and of two) and streamed (``ncl``), channels-last input streamed (``rows``); the
+streamed ones with the chunks of rows the backend picks and with three chunks forced (uneven,
+and cutting samples apart). All in float32 and float64, with non-trivial weight/bias and
 without them.
 """
 
@@ -32,7 +33,7 @@ CASES = {
     "rows_300_uneven_chunks": (300, 7, 1),
     "rows_485_C6": (5, 6, 97),
 }
-ORDERS = ("ncl", "ncl_3_chunks", "rows", "rows_3_chunks")
+ORDERS = ("ncl_blocks_1", "ncl_blocks_2", "ncl", "ncl_3_chunks", "rows", "rows_3_chunks")
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -45,12 +46,23 @@ def _multithreaded_kernels(monkeypatch):
 
 @pytest.fixture(params=ORDERS)
 def order(request, monkeypatch):
-    """The loop order under test. The ``_3_chunks`` variants cut the rows into three chunks
-    (or one per row when there are fewer), where the backend would pick one for most small
-    cases: partial sums merged across chunk boundaries, wherever those fall."""
-    if request.param.endswith("_3_chunks"):
+    """The layout under test (``"ncl"`` or ``"rows"``), its kernels forced as the name says.
+
+    ``ncl_blocks_2`` has channel blocks of two, the last one short when C is odd. The
+    ``_3_chunks`` variants cut the rows into three chunks (or one per row when there are
+    fewer), where the backend would pick one for most small cases: partial sums merged across
+    chunk boundaries, wherever those fall.
+    """
+    name = request.param
+    if name.startswith("ncl_blocks"):
+        block = int(name[-1])
+        monkeypatch.setattr(cpu, "SLICE_BYTES", float("inf"))
+        monkeypatch.setattr(cpu, "channel_block", lambda channels, length: block)
+        return "ncl"
+    monkeypatch.setattr(cpu, "SLICE_BYTES", 0)  # contiguous input streams
+    if name.endswith("_3_chunks"):
         monkeypatch.setattr(cpu, "row_chunks", lambda rows, per_channel: min(rows, 3))
-    return request.param.removesuffix("_3_chunks")
+    return name.removesuffix("_3_chunks")
 
 
 def _make(shape, order, dtype, seed=0):
@@ -239,11 +251,11 @@ def test_large_mean_small_std_float32_normalizes_within_1e_2_std(order):
     assert (y3.double() - truth).abs().max().item() <= 1e-2
 
 
-@grid("shape_order", [((700, 9, 1), "rows"), ((40, 9, 20), "ncl")], ids=["rows", "ncl"])
-def test_results_are_bitwise_reproducible_across_thread_counts(shape_order):
+@grid("shape", [(700, 9, 1), (40, 9, 20)], ids=["700_rows", "360_rows_of_20"])
+def test_results_are_bitwise_reproducible_across_thread_counts(shape, order):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has a single thread here: nothing to compare across thread counts")
-    x3, dy3, weight, bias = _make(*shape_order, torch.float32, seed=3)
+    x3, dy3, weight, bias = _make(shape, order, torch.float32, seed=3)
     previous = numba.get_num_threads()
     results = []
     try:

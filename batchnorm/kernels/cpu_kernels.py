@@ -1,16 +1,20 @@
 """Compiled CPU kernels (numba) for the batch-norm forward, on NumPy views of torch tensors.
 
-Two loop orders, one per layout of the canonical ``(N, C, L)`` view, both streaming through
-memory in order:
+Three loop orders for the two layouts of the canonical ``(N, C, L)`` view (the caller picks
+one, and its work split, from the shape):
 
-* ``*_ncl`` (contiguous ``(N, C, L)``): the ``N * C`` rows of ``L`` values, each of one channel;
+* ``*_ncl`` (contiguous ``(N, C, L)``): the ``N * C`` rows of ``L`` values, each of one channel,
+  streamed in memory order;
 * ``*_rows`` (channels-last): the ``(R, C)`` array of ``R = N * L`` rows, each holding every
-  channel once.
+  channel once, streamed in memory order;
+* ``*_ncl_blocks`` (contiguous): one parallel task per block of channels, which sums its block
+  and normalizes it while the block's slice is still in the core's cache, so the input crosses
+  the memory bus once for both passes. Faster than streaming when the slice fits the cache.
 
-Either way the rows are cut into ``n_chunks`` fixed chunks of consecutive rows (the caller picks
-the count from the shape). Each chunk sums into its own per-channel partials; the partials are
-merged in chunk order into the statistics; then each chunk is normalized. Chunks depend on the
-shape only, never on the thread count, so every result is bitwise reproducible.
+The streamed orders cut their rows into ``n_chunks`` fixed chunks of consecutive rows. Each
+chunk sums into its own per-channel partials; the partials are merged in chunk order into the
+statistics; then each chunk is normalized. Chunks and blocks depend on the shape only, never on
+the thread count, so every result is bitwise reproducible.
 
 Numerical decisions:
 
@@ -156,6 +160,41 @@ def forward_train_ncl(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
         for i in range(start, stop):
             n, c = divmod(i, channels)
             affine(x[n, c], coef[0, c], coef[1, c], coef[2, c], y[n, c])
+
+
+@njit(parallel=True, **JIT)
+def forward_train_ncl_blocks(x, weight, bias, eps, y, mean, rstd, var, block):
+    """Algorithm 1 on a contiguous ``(N, C, L)`` array, one fused task per channel block.
+
+    Each task sums its block's slice (``N`` runs of ``block * L`` values) and then normalizes
+    the slice while it is still in the core's cache: the input crosses the memory bus once for
+    both passes. Arguments as :func:`forward_train_ncl`, but for ``block``, the channels per
+    parallel task (the last block may hold fewer).
+
+    >>> x = np.arange(12.0).reshape(2, 3, 2)
+    >>> y, mean, rstd, var = np.empty_like(x), np.empty(3), np.empty(3), np.empty(3)
+    >>> forward_train_ncl_blocks(x, np.ones(3), np.zeros(3), 0.0, y, mean, rstd, var, 2)
+    >>> mean.tolist(), var.tolist()
+    ([3.5, 5.5, 7.5], [9.25, 9.25, 9.25])
+    """
+    n_batch, channels, length = x.shape
+    coef = np.empty((2, channels), x.dtype)  # scale, shift rounded to x's dtype
+    for j in prange((channels + block - 1) // block):
+        c0 = j * block
+        c1 = min(c0 + block, channels)
+        sums = np.zeros((2, c1 - c0))  # this task's own: no cache line shared with another
+        for n in range(n_batch):
+            for c in range(c0, c1):  # one run of (c1 - c0) * L values in memory order
+                t1, t2 = shifted_sums(x[n, c], np.float64(x[0, c, 0]))
+                sums[0, c - c0] += t1
+                sums[1, c - c0] += t2
+        for c in range(c0, c1):
+            mean[c], var[c], rstd[c], coef[0, c], coef[1, c] = statistics(
+                sums[0, c - c0], sums[1, c - c0], n_batch * length, np.float64(x[0, c, 0]),
+                weight[c], bias[c], eps)
+        for n in range(n_batch):  # the block's slice again, from the cache
+            for c in range(c0, c1):
+                affine(x[n, c], x[0, c, 0], coef[0, c], coef[1, c], y[n, c])
 
 
 @njit(**JIT)

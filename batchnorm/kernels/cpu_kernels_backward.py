@@ -1,7 +1,8 @@
 """Compiled CPU kernels (numba) for the batch-norm backward: two sums in one pass, then ``dx``.
 
-The loop orders (``ncl`` and ``rows``, each cut into fixed chunks of rows), the chunked sums
-merged in chunk order, and the numerical rules are those of ``batchnorm.kernels.cpu_kernels``.
+The loop orders (``ncl`` and ``rows`` streamed in fixed chunks of rows, ``ncl_blocks`` in
+cache-resident channel blocks), the chunked sums merged in chunk order, and the numerical rules
+are those of ``batchnorm.kernels.cpu_kernels``.
 With ``x_hat = (x - mean) * rstd``, ``a = weight * rstd`` and ``m = N * L`` values per channel:
 
     dbias   = sum(dy)
@@ -118,6 +119,42 @@ def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbia
                 n, c = divmod(i, channels)
                 grad_input(dy[n, c], x[n, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c],
                            training, dx[n, c])
+
+
+@njit(parallel=True, **JIT)
+def backward_ncl_blocks(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias, block):
+    """Gradients on contiguous ``(N, C, L)`` arrays, one task per channel block, whose slices
+    of ``dy`` and ``x`` are read for the sums and again, from the cache, for ``dx``. Arguments
+    as :func:`backward_ncl`, but for ``block``, the channels per parallel task.
+
+    >>> x = np.array([[[1.0, 3.0]], [[5.0, 7.0]]])
+    >>> dy, dx, dw, db = x - 4.0, np.empty_like(x), np.empty(1), np.empty(1)
+    >>> args = np.array([4.0]), np.array([0.5]), np.ones(1)
+    >>> backward_ncl_blocks(dy, x, *args, False, True, dx, dw, db, 1)
+    >>> db.tolist(), dw.tolist(), dx.ravel().tolist()
+    ([0.0], [10.0], [-1.5, -0.5, 0.5, 1.5])
+    """
+    n_batch, channels, length = x.shape
+    coef = np.empty((4, channels), x.dtype)  # mean, a, b, c0 in x's dtype
+    for j in prange((channels + block - 1) // block):
+        c0 = j * block
+        c1 = min(c0 + block, channels)
+        sums = np.zeros((2, c1 - c0))  # this task's own: no cache line shared with another
+        for n in range(n_batch):
+            for c in range(c0, c1):
+                t_dy, t_dyx = grad_sums(dy[n, c], x[n, c], np.float64(mean[c]))
+                sums[0, c - c0] += t_dy
+                sums[1, c - c0] += t_dyx
+        for c in range(c0, c1):
+            dbias[c] = sums[0, c - c0]
+            dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
+                sums[0, c - c0], sums[1, c - c0], n_batch * length, mean[c], rstd[c], weight[c])
+            coef[0, c] = mean[c]
+        if need_dx:
+            for n in range(n_batch):  # the block's slices again, from the cache
+                for c in range(c0, c1):
+                    grad_input(dy[n, c], x[n, c], coef[0, c], coef[1, c], coef[2, c],
+                               coef[3, c], training, dx[n, c])
 
 
 @njit(**JIT)
