@@ -60,7 +60,8 @@ def test_memory_is_handed_out_again_once_every_tensor_on_it_is_gone(pool):
     y3 = cpu.forward_train(x3, None, None, 1e-5)[0]
     address, view = y3.data_ptr(), y3[:, 1]
     del y3
-    assert cpu.forward_train(x3, None, None, 1e-5)[0].data_ptr() != address  # view lives
+    other = cpu.forward_train(x3, None, None, 1e-5)[0]
+    assert other.data_ptr() != address  # the view lives
     del view
     assert cpu.forward_train(x3, None, None, 1e-5)[0].data_ptr() == address
     assert pool.owned_bytes == 2 * x3.numel() * 4
@@ -121,6 +122,24 @@ def test_idle_buffers_make_room_oldest_first():
     assert pool.owned_bytes == 3 * MIB
     assert _address(pool.empty((MIB,), np.uint8)) == address_c  # c was kept
     assert d.nbytes == 2 * MIB
+
+
+def test_the_buffer_handed_out_last_is_reused_first():
+    pool = BufferPool(limit=8 * MIB)
+    a, b, c = (pool.empty((MIB,), np.uint8) for _ in range(3))
+    addresses = [_address(t) for t in (a, b, c)]
+    del a, b, c
+    assert _address(pool.empty((MIB,), np.uint8)) == addresses[2]  # c, handed out last
+    b = pool.empty((MIB,), np.uint8)  # c is idle again (the last array is gone): c once more
+    assert _address(b) == addresses[2]
+    a = pool.empty((MIB,), np.uint8)  # c is in use: b's old buffer, the next most recent
+    assert _address(a) == addresses[1]
+    del b
+    # Eviction goes by hand-out time: the first buffer (handed out longest ago) goes first.
+    pool.limit = 3 * MIB
+    d = pool.empty((2 * MIB,), np.uint8)
+    assert d.nbytes == 2 * MIB and pool.owned_bytes == 3 * MIB
+    assert _address(a) == addresses[1]  # in use, kept
 
 
 def test_clear_drops_idle_buffers_and_keeps_those_in_use():

@@ -11,8 +11,10 @@ CUDA caching allocator does on the GPU.
 * A buffer is free when nothing but the pool refers to it. The tensors made from it (and all
   their views) hold it through their storage, so its reference count says when the last one is
   gone; nothing is ever reused while a tensor can still see it.
+* Of the idle buffers of the right size, the one handed out last is handed out again: it is
+  the one most likely still in the caches, as the C allocator's last freed block is.
 * ``limit`` bounds all the memory the pool owns, in use or idle. When a new buffer would pass
-  it, idle buffers are dropped (oldest first) to make room; if even dropping all of them would
+  it, idle buffers are dropped (those handed out longest ago first) to make room; if even dropping all of them would
   not, the output is allocated outside the pool, as it would be without one.
 * ``$BATCHNORM_CPU_CACHE_MB`` sets the limit of the pool the backend uses (default 2048; ``0``
   turns it off); :func:`empty_cache` returns the idle buffers to the operating system.
@@ -45,7 +47,8 @@ class BufferPool:
     >>> pool = BufferPool(limit=64 << 20)
     >>> a = pool.empty((1024, 512), np.float32)
     >>> address = a.ctypes.data
-    >>> pool.empty((1024, 512), np.float32).ctypes.data == address  # a is still alive
+    >>> b = pool.empty((1024, 512), np.float32)
+    >>> b.ctypes.data == address  # a is still alive
     False
     >>> del a
     >>> pool.empty((512, 1024), np.float32).ctypes.data == address  # its memory again
@@ -54,7 +57,7 @@ class BufferPool:
 
     def __init__(self, limit: int):
         self.limit = int(limit)
-        self._buffers: list[np.ndarray] = []  # flat uint8 arrays, oldest first
+        self._buffers: list[np.ndarray] = []  # flat uint8 arrays, by when last handed out
         self._lock = threading.Lock()
         # What _refcounts says of a buffer held by a list alone: the count is measured, not
         # assumed, as Python versions count the references of a running frame differently.
@@ -92,8 +95,10 @@ class BufferPool:
 
     def _take(self, nbytes: int) -> np.ndarray | None:
         idle = self._idle()
-        for buffer, is_idle in zip(self._buffers, idle, strict=True):
-            if is_idle and buffer.nbytes == nbytes:
+        for i in reversed(range(len(self._buffers))):  # the one handed out last first
+            if idle[i] and self._buffers[i].nbytes == nbytes:
+                buffer = self._buffers.pop(i)
+                self._buffers.append(buffer)
                 return buffer
         owned = self.owned_bytes
         in_use = owned - sum(b.nbytes for b, is_idle in zip(self._buffers, idle, strict=True)
@@ -101,7 +106,7 @@ class BufferPool:
         if in_use + nbytes > self.limit:
             return None  # no room even without the idle buffers: keep them for their sizes
         keep = []
-        # Drop idle buffers, oldest first, until the new one fits.
+        # Drop idle buffers, those handed out longest ago first, until the new one fits.
         for buffer, is_idle in zip(self._buffers, idle, strict=True):
             if is_idle and owned + nbytes > self.limit:
                 owned -= buffer.nbytes
