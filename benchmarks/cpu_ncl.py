@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cpu as cpu_benchmark  # noqa: E402  (benchmarks/cpu.py)
 
 import batchnorm  # noqa: E402
 from batchnorm.kernels import cpu  # noqa: E402
@@ -75,11 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("numba is not installed: pip install numba (the benchmark times its kernels)")
     os.environ["BATCHNORM_BACKEND"] = "numba"
     load_before = os.getloadavg()
+    info = cpu_benchmark.machine()
     lines = [
         "# CPU benchmark: channel blocks against streamed rows, contiguous float32 input",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        f"({platform.system()}); see benchmarks/results/cpu.md for the model and versions",
+        f"- machine: {info['cpu']}, {info['cores']} CPUs ({platform.system()})",
+        f"- versions: {cpu_benchmark.versions()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- command: `{' '.join(['python', 'benchmarks/cpu_ncl.py', *raw_args])}`",
         f"- load average before: {load_before[0]:.2f}",

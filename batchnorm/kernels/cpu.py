@@ -163,10 +163,11 @@ def plan(x3: Tensor, kind: str) -> tuple[str, int]:
     block's slice, ``N`` runs of ``block * L`` values, takes at most ``SLICE_BYTES``: the
     kernels then read it from the core's cache on their second pass. Larger slices stream
     (``("ncl", row chunks)``), as channels-last input always does (``("rows", row chunks)``).
-    ``benchmarks/cpu_ncl.py`` times both ways on ResNet-like shapes. On a 2-core Xeon with
-    2 MiB of L2 per core, the time streamed over the time in blocks was 1.00-1.09 for slices
-    of 0.3-0.8 MB with N <= 64, and 0.84-0.94 for 0.6 MB with N = 128 and for 1.05 and 1.6 MB
-    with N = 256 (``benchmarks/results/cpu_ncl.md``).
+    ``benchmarks/cpu_ncl.py`` times both ways on ResNet-like shapes. In its committed table
+    (``benchmarks/results/cpu_ncl.md``, a 2-core Xeon with 2 MiB of L2 per core), streaming
+    takes 3-12% longer than blocks for the slices of 0.3-0.8 MB but one (0.6 MB, even), and
+    blocks take 7-13% longer for the slices of 1.05 and 1.6 MB. Between runs the 14x14
+    ratios moved by up to 30%, the others by less than 10%.
     A function of the shape and dtype only, so results never depend on the thread count.
 
     >>> plan(torch.empty(64, 64, 3136), "ncl"), plan(torch.empty(256, 512, 49), "ncl")

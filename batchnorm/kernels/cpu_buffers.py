@@ -14,8 +14,9 @@ CUDA caching allocator does on the GPU.
 * Of the idle buffers of the right size, the one handed out last is handed out again: it is
   the one most likely still in the caches, as the C allocator's last freed block is.
 * ``limit`` bounds all the memory the pool owns, in use or idle. When a new buffer would pass
-  it, idle buffers are dropped (those handed out longest ago first) to make room; if even dropping all of them would
-  not, the output is allocated outside the pool, as it would be without one.
+  it, idle buffers are dropped (those handed out longest ago first) to make room; if even
+  dropping all of them would not, the output is allocated outside the pool, as it would be
+  without one.
 * ``$BATCHNORM_CPU_CACHE_MB`` sets the limit of the pool the backend uses (default 2048; ``0``
   turns it off); :func:`empty_cache` returns the idle buffers to the operating system.
 
