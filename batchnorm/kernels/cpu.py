@@ -134,9 +134,11 @@ def row_chunks(rows: int, per_channel: int) -> int:
     """How many chunks of consecutive rows the kernels cut their ``rows`` rows into.
 
     ``CHUNKS``, or fewer so that every chunk holds ``MIN_CHUNK_VALUES`` values per channel on
-    average (``per_channel = N * L`` in all): each chunk keeps two float64 partial sums per
-    channel, which then take at most a quarter of a float32 input's bytes. A function of the
-    shape only, so results never depend on the thread count.
+    average (``per_channel = N * L`` in all), and one at least. Each chunk keeps two float64
+    partial sums per channel; with 16 values per channel in each chunk, the partials take at
+    most a quarter of a float32 input's bytes (64 chunks of a 64 x 1M input would take four
+    times its size).
+    A function of the shape only, so results never depend on the thread count.
 
     >>> row_chunks(64 * 512, 64 * 49), row_chunks(12544, 12544), row_chunks(6, 14)
     (64, 64, 1)
