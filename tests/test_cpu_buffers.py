@@ -134,12 +134,21 @@ def test_the_buffer_handed_out_last_is_reused_first():
     assert _address(b) == addresses[2]
     a = pool.empty((MIB,), np.uint8)  # c is in use: b's old buffer, the next most recent
     assert _address(a) == addresses[1]
-    del b
-    # Eviction goes by hand-out time: the first buffer (handed out longest ago) goes first.
-    pool.limit = 3 * MIB
-    d = pool.empty((2 * MIB,), np.uint8)
-    assert d.nbytes == 2 * MIB and pool.owned_bytes == 3 * MIB
-    assert _address(a) == addresses[1]  # in use, kept
+
+
+def test_idle_buffers_handed_out_longest_ago_are_evicted_first():
+    pool = BufferPool(limit=8 * MIB)
+    arrays = [pool.empty((MIB,), np.uint8) for _ in range(3)]  # created in the order 0, 1, 2
+    addresses = [_address(t) for t in arrays]
+    del arrays
+    # Handed out again in the reverse order (the last handed out first): 2, then 1, then 0.
+    taken = [pool.empty((MIB,), np.uint8) for _ in range(3)]
+    assert [_address(t) for t in taken] == addresses[::-1]
+    del taken[2], taken[0]  # 0 and 2 idle; 2 was handed out longest ago, 0 created first
+    pool.limit = 4 * MIB
+    assert pool.empty((2 * MIB,), np.uint8).nbytes == 2 * MIB  # room for it: one must go
+    assert pool.owned_bytes == 4 * MIB
+    assert _address(pool.empty((MIB,), np.uint8)) == addresses[0]  # 0 was kept, 2 dropped
 
 
 def test_clear_drops_idle_buffers_and_keeps_those_in_use():

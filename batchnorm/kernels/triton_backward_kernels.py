@@ -24,6 +24,15 @@ from batchnorm.kernels.triton_kernels import _bc, _channel_vector, _first, _merg
 
 
 @triton.jit
+def _saved_statistics(mean_ptr, rstd_ptr, w_ptr, c, cmask, HAS_W: tl.constexpr,
+                      ACC: tl.constexpr):
+    """Channels ``c``'s saved mean and rstd, and ``scale = weight * rstd``, in ``ACC``."""
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC)
+    return mean, rstd, rstd * _channel_vector(w_ptr, c, cmask, HAS_W, 1.0, ACC)
+
+
+@triton.jit
 def _grad_tile(dy_ptr, x_ptr, y_ptr, offs, mask, mean, rstd, RELU: tl.constexpr,
                ACC: tl.constexpr):
     """``dz`` (``dy``, masked by ``y > 0`` after a ReLU) and ``x_hat`` on one tile; 0 off it."""
@@ -73,9 +82,7 @@ def backward_channel_kernel(
     for cb in range(tl.program_id(0), CB, tl.num_programs(0)):
         c = cb * BC + tl.arange(0, BC)
         cmask = c < C
-        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-        rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC)
-        scale = rstd * _channel_vector(w_ptr, c, cmask, HAS_W, 1.0, ACC)
+        mean, rstd, scale = _saved_statistics(mean_ptr, rstd_ptr, w_ptr, c, cmask, HAS_W, ACC)
         if RESIDENT:
             offs, mask = _unit(0, cb, N, C, L, s_n, s_c, BN, BC, BL)
             dz, x_hat = _grad_tile(dy_ptr, x_ptr, y_ptr, offs, mask, mean, rstd, RELU, ACC)
@@ -131,9 +138,7 @@ def grad_partial_kernel(
     g = tl.program_id(1)
     c = cb * BC + tl.arange(0, BC)
     cmask = c < C
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC)
-    scale = rstd * _channel_vector(w_ptr, c, cmask, HAS_W, 1.0, ACC)
+    mean, rstd, scale = _saved_statistics(mean_ptr, rstd_ptr, w_ptr, c, cmask, HAS_W, ACC)
     sum1 = tl.zeros([BN, BC, BL], ACC)
     sum2 = tl.zeros([BN, BC, BL], ACC)
     for i in range(0, PER):
@@ -175,9 +180,7 @@ def grad_input_kernel(
     tl.store(dw_ptr + c, dweight, mask=_first(cmask, g))
     if DX_PASS == 2:
         m = N * L
-        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-        rstd = tl.load(rstd_ptr + c, mask=cmask, other=0.0).to(ACC)
-        scale = rstd * _channel_vector(w_ptr, c, cmask, HAS_W, 1.0, ACC)
+        mean, rstd, scale = _saved_statistics(mean_ptr, rstd_ptr, w_ptr, c, cmask, HAS_W, ACC)
         for i in range(0, PER):
             offs, mask = _unit(g * PER + i, cb, N, C, L, s_n, s_c, BN, BC, BL)
             dz, x_hat = _grad_tile(dy_ptr, x_ptr, y_ptr, offs, mask, mean, rstd, RELU, ACC)
