@@ -21,13 +21,13 @@ from collections import Counter
 import torch
 from torch import fx, nn
 
-from batchnorm import _eager
+from batchnorm import kinds
 from batchnorm.frozen import _FrozenBatchNorm
-from batchnorm.modules import _BatchNorm
+from batchnorm.fused import Epilogue
+from batchnorm.kernels import eager
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d,
            nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
-_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, _BatchNorm, _FrozenBatchNorm)
 _LAYER_NAMES = "Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear"
 
 
@@ -44,7 +44,9 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     followed by ``BatchNorm1d`` is folded for ``(N, features)`` input, the case where the
     BN's channels are the ``Linear``'s output features.
 
-    Each folded BN is replaced by ``nn.Identity`` (other layers keep their names) and the
+    Each folded BN is replaced by ``nn.Identity``, or, for a layer fused with its activation
+    (``BatchNormAct*d``, timm's ``BatchNormAct2d``), by that activation with its drop and
+    residual (``batchnorm.fused.Epilogue``); other layers keep their names, and the
     layer gets the folded weight and bias (a bias is added where it had none), computed in
     float64 and stored in the layer's dtype. Outputs in ``eval()`` are unchanged up to
     rounding. BN layers that ``forward`` never calls are left alone.
@@ -75,13 +77,13 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         >>> torch.allclose(folded(x), model(x), atol=1e-5)
         True
     """
-    if isinstance(model, _BATCH_NORMS):
+    if kinds.is_batch_norm(model):
         raise ValueError(f"cannot fold a lone {type(model).__name__}: nothing precedes it; "
                          "pass the model that holds it and the layer before it")
     modules = dict(model.named_modules())
     pairs, unpaired = _find_pairs(model, modules)
     for name, module in modules.items():
-        if isinstance(module, _BATCH_NORMS):
+        if kinds.is_batch_norm(module):
             _check_inference(name, module)
     if unpaired:
         name, reason = next(iter(unpaired.items()))
@@ -97,7 +99,7 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for bn_name, layer_name in pairs.items():
         _fold_into(modules[layer_name], modules[bn_name])
         parent, _, leaf = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, nn.Identity())
+        setattr(model.get_submodule(parent), leaf, _remainder(modules[bn_name]))
     return model
 
 
@@ -105,8 +107,8 @@ class _Tracer(fx.Tracer):
     """Keeps the layers fold looks for as single call_module nodes."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, _BATCH_NORMS + _LAYERS) or super().is_leaf_module(
-            module, qualified_name)
+        return (kinds.is_batch_norm(module) or isinstance(module, _LAYERS)
+                or super().is_leaf_module(module, qualified_name))
 
 
 def _find_pairs(model: nn.Module, modules: dict) -> tuple[dict, dict]:
@@ -118,7 +120,7 @@ def _find_pairs(model: nn.Module, modules: dict) -> tuple[dict, dict]:
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs, unpaired = {}, {}
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _BATCH_NORMS):
+        if node.op != "call_module" or not kinds.is_batch_norm(modules[node.target]):
             continue
         source = node.args[0] if node.args else None
         if not (isinstance(source, fx.Node) and source.op == "call_module"
@@ -144,13 +146,23 @@ def _sequential_pairs(modules: dict, why_no_graph: str) -> tuple[dict, dict]:
         prefix = f"{name}." if name else ""
         for (before_name, before), (child_name, child) in zip(children, children[1:],
                                                               strict=False):
-            if isinstance(child, _BATCH_NORMS) and isinstance(before, _LAYERS):
+            if kinds.is_batch_norm(child) and isinstance(before, _LAYERS):
                 pairs[prefix + child_name] = prefix + before_name
     unpaired = {name: f"{why_no_graph}, and it is not right after a {_LAYER_NAMES} in an "
                       "nn.Sequential"
                 for name, module in modules.items()
-                if isinstance(module, _BATCH_NORMS) and name not in pairs}
+                if kinds.is_batch_norm(module) and name not in pairs}
     return pairs, unpaired
+
+
+def _remainder(bn: nn.Module) -> nn.Module:
+    """What is left of a folded layer: its activation, drop and residual when it has them
+    (``batchnorm.fused.Epilogue``), else nothing (``nn.Identity``)."""
+    if not kinds.is_fused(bn):
+        return nn.Identity()
+    if hasattr(bn, "epilogue"):
+        return bn.epilogue()
+    return Epilogue(bn.act, bn.drop)  # timm's: its act and drop modules
 
 
 def _check_inference(name: str, bn: nn.Module) -> None:
@@ -178,7 +190,7 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
     def f64(t):
         return None if t is None else t.detach().double()
 
-    scale, shift = _eager.inference_affine(f64(bn.weight), f64(bn.bias), f64(bn.running_mean),
+    scale, shift = eager.inference_affine(f64(bn.weight), f64(bn.bias), f64(bn.running_mean),
                                            f64(bn.running_var), bn.eps)
     weight = layer.weight.detach().double()
     kernel = (1,) * (weight.dim() - 2)

@@ -6,7 +6,7 @@ A frozen layer is Algorithm 2's inference transform and nothing else, in trainin
     y     = x * scale + shift
 
 Detection and segmentation backbones fine-tuned with a few images per device freeze their
-batch norms this way; ``freeze(model)`` does it to a whole model.
+batch norms this way; ``batchnorm.freeze(model)`` does it to a whole model.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
-from batchnorm.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from batchnorm.fused import _Act
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -24,6 +23,7 @@ class _FrozenBatchNorm(nn.Module):
 
     _ranks: tuple[int, ...] = ()
     _input_words = ""
+    activation: str | None = None  # applied after, fused; set by FrozenBatchNormAct*d
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
@@ -39,13 +39,20 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() not in self._ranks:
-            raise ValueError(f"expected {self._input_words} input (got {input.dim()}D input of "
-                             f"shape {tuple(input.shape)}) in {type(self).__name__}")
+        return self._forward(input, None)
+
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
+        self._check_rank(input)
         # Inference-mode batch norm is exactly y = x * scale + shift with the folded scale and
         # shift above (the core's inference_affine), and its gradient reaches the input only.
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
-                            self.bias, training=False, eps=self.eps)
+                            self.bias, training=False, eps=self.eps,
+                            activation=self.activation, residual=residual)
+
+    def _check_rank(self, input: Tensor) -> None:
+        if input.dim() not in self._ranks:
+            raise ValueError(f"expected {self._input_words} input (got {input.dim()}D input of "
+                             f"shape {tuple(input.shape)}) in {type(self).__name__}")
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -113,82 +120,22 @@ for _cls, _rank, _shape, _example in (
         (FrozenBatchNorm3d, 3, "``(N, C, D, H, W)``", "2, 3, 2, 4, 4")):
     _cls.__doc__ = _DOC.format(name=_cls.__name__, rank=_rank, shape=_shape, example=_example)
 
-# Each trainable layer and the frozen layer of its rank.
-_FROZEN = {
-    nn.BatchNorm1d: FrozenBatchNorm1d, BatchNorm1d: FrozenBatchNorm1d,
-    BatchRenorm1d: FrozenBatchNorm1d,
-    nn.BatchNorm2d: FrozenBatchNorm2d, BatchNorm2d: FrozenBatchNorm2d,
-    BatchRenorm2d: FrozenBatchNorm2d,
-    nn.BatchNorm3d: FrozenBatchNorm3d, BatchNorm3d: FrozenBatchNorm3d,
-    BatchRenorm3d: FrozenBatchNorm3d,
-}
 
+class FrozenBatchNormAct1d(_Act, FrozenBatchNorm1d):
+    """``FrozenBatchNorm1d`` followed by its activation: ``act(drop(frozen(x) + residual))``,
+    the frozen form of ``BatchNormAct1d``; arguments as ``BatchNormAct1d``'s ``activation`` and
+    ``drop``.
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Replace every batch-norm layer of ``model`` by a frozen copy of its values, in place.
-
-    ``BatchNorm1d/2d/3d`` (torch's, including lazy and other subclasses, and this package's)
-    and ``BatchRenorm1d/2d/3d`` become ``FrozenBatchNorm1d/2d/3d`` holding copies of their
-    weight (1 without ``affine``), bias (0 without one), running statistics and ``eps``, on
-    the same device and dtype. The model then computes in training mode what it computed in
-    ``eval()`` before. The parameters leave ``model.parameters()``: build the optimizer
-    after freezing.
-
-    Args:
-        model: a model, or a single batch-norm layer.
-
-    Returns:
-        The model with the layers replaced (a new layer if ``model`` itself was one).
-
-    Raises:
-        ValueError: a layer keeps no running statistics (``track_running_stats=False``),
-            so there is nothing to freeze; or a ``SyncBatchNorm``, whose input rank is not
-            known: freeze before ``convert_sync_batchnorm`` (frozen layers need no sync).
-
-    Example::
-
-        >>> import torch
-        >>> import batchnorm.frozen
-        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
-        >>> model = batchnorm.frozen.freeze(model)
-        >>> type(model[1]).__name__, len(list(model[1].parameters()))
-        ('FrozenBatchNorm2d', 0)
+    >>> import torch
+    >>> bool((FrozenBatchNormAct1d(3)(torch.randn(4, 3)) >= 0).all())
+    True
     """
-    frozen = _frozen_class(model)
-    if frozen is not None:
-        return _frozen_copy(model, frozen)
-    for name, child in model.named_children():
-        new = freeze(child)
-        if new is not child:
-            setattr(model, name, new)
-    return model
 
 
-def _frozen_class(module: nn.Module) -> type | None:
-    for cls in type(module).__mro__:
-        if cls in _FROZEN:
-            return _FROZEN[cls]
-    if isinstance(module, nn.modules.batchnorm._BatchNorm | _BatchNorm):
-        raise ValueError(
-            f"cannot freeze {module!r}: a {type(module).__name__} takes inputs of any rank, so "
-            "the frozen layer's rank is unknown; freeze the model before "
-            "convert_sync_batchnorm (frozen layers need no synchronization)")
-    return None
+class FrozenBatchNormAct2d(_Act, FrozenBatchNorm2d):
+    """``FrozenBatchNorm2d`` followed by its activation: ``act(drop(frozen(x) + residual))``,
+    the frozen form of ``BatchNormAct2d`` and timm's ``BatchNormAct2d``."""
 
 
-def _frozen_copy(layer: nn.Module, cls: type) -> _FrozenBatchNorm:
-    if layer.running_mean is None or layer.running_var is None:
-        raise ValueError(
-            f"cannot freeze {layer!r}: it has no running statistics "
-            "(track_running_stats=False) and normalizes every batch by its own; keep it "
-            "trainable, or train it with track_running_stats=True")
-    mean = layer.running_mean
-    frozen = cls(layer.num_features, eps=layer.eps, device=mean.device, dtype=mean.dtype)
-    with torch.no_grad():
-        frozen.running_mean.copy_(mean)
-        frozen.running_var.copy_(layer.running_var)
-        if layer.weight is not None:
-            frozen.weight.copy_(layer.weight)
-        if layer.bias is not None:
-            frozen.bias.copy_(layer.bias)
-    return frozen
+class FrozenBatchNormAct3d(_Act, FrozenBatchNorm3d):
+    """``FrozenBatchNorm3d`` followed by its activation: ``act(drop(frozen(x) + residual))``."""

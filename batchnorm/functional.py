@@ -1,17 +1,31 @@
 """``batch_norm``: torch's functional batch normalization, with the running statistics guarded.
 
-The arguments are validated here, once; the arithmetic is in ``batchnorm._eager`` (the
-specification) and in the kernels, reached through the custom ops of ``batchnorm._ops``.
+The arguments are validated here, once, before anything is computed or updated; the arithmetic
+is in the backends of ``batchnorm.kernels`` (``eager`` the specification), composed by the
+autograd functions of ``batchnorm._autograd``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from batchnorm import _ops
+from batchnorm import _autograd, _ops
+from batchnorm.kernels import eager, resolve
 
 ACTIVATIONS = (None, "relu")
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor whose shape, device or memory does not fit the call. Also a ``RuntimeError``,
+    which torch raises for the same mistakes, so code written for either catches it."""
+
+
+class DtypeError(TypeError, RuntimeError):
+    """A tensor of the wrong dtype; also a ``RuntimeError``, as torch's."""
 
 
 def batch_norm(
@@ -28,6 +42,9 @@ def batch_norm(
     activation: str | None = None,
     residual: Tensor | None = None,
     backend: str | None = None,
+    process_group=None,
+    r_max: float | Tensor | None = None,
+    d_max: float | Tensor | None = None,
 ) -> Tensor:
     r"""Batch normalization over dim 1 of an input of rank >= 2, as ``torch.nn.functional``.
 
@@ -48,7 +65,11 @@ def batch_norm(
       non-finite values.
     * float16/bfloat16 inputs accumulate statistics in float32; the batch is shifted by a
       sample per channel first, so ``|mean| >> std`` keeps its precision.
-    * A zero-size batch returns an empty output and leaves the statistics untouched.
+    * A zero-size batch returns an empty output and leaves the statistics untouched (torch's
+      modules count it in ``num_batches_tracked``).
+    * ``process_group`` computes the statistics over the batch of every process of a
+      ``torch.distributed`` group (``SyncBatchNorm``); ``r_max``/``d_max`` turn on Batch
+      Renorm's corrections (``BatchRenorm1d``).
 
     Args:
         input: ``(N, C, *)`` tensor, contiguous or channels-last (the layout is kept).
@@ -58,15 +79,21 @@ def batch_norm(
         bias: ``(C,)`` shift :math:`\beta`, or ``None`` for 0. Default: ``None``.
         training: normalize with batch statistics and update the running ones.
             Default: ``False``.
-        momentum: weight of the new batch in the running estimates; ``None`` for the
-            cumulative average, which needs ``num_batches_tracked``. Default: ``0.1``.
-        eps: added to the variance for numerical stability. Default: ``1e-5``.
+        momentum: weight of the new batch in the running estimates (any number, as torch);
+            ``None`` for the cumulative average, which needs ``num_batches_tracked``.
+            Default: ``0.1``.
+        eps: added to the variance for numerical stability; positive in training.
+            Default: ``1e-5``.
         num_batches_tracked: 0-dim integer tensor, incremented in place for each batch folded
             into the running estimates. Default: ``None``.
         activation: ``"relu"`` to apply a ReLU to the result. Default: ``None``.
         residual: tensor of ``input``'s shape added before the activation. Default: ``None``.
         backend: ``"auto"``, ``"eager"``, ``"numba"`` or ``"triton"``; ``None`` reads
             ``$BATCHNORM_BACKEND`` (default ``auto``). Default: ``None``.
+        process_group: in training, merge the statistics (and the gradient sums) over the
+            processes of this ``torch.distributed`` group; ``None`` for none. Default: ``None``.
+        r_max, d_max: in training, Batch Renorm's bounds on ``r`` (>= 1) and ``|d|`` (>= 0),
+            numbers or 0-dim tensors; ``None`` for 1 and 0, no correction. Default: ``None``.
 
     Returns:
         A tensor of ``input``'s shape, dtype and memory layout.
@@ -83,25 +110,69 @@ def batch_norm(
         >>> torch.allclose(mean, 0.1 * x.mean(dim=(0, 2)))
         True
     """
-    _check(input, running_mean, running_var, weight, bias, training, momentum, eps,
-           num_batches_tracked, activation, residual)
-    if input.numel() == 0:
+    momentum, eps = _check(input, running_mean, running_var, weight, bias, training, momentum,
+                           eps, num_batches_tracked, activation, residual, process_group,
+                           r_max, d_max)
+    if input.numel() == 0 and process_group is None:
         return _empty_output(input, weight, bias, residual)
     x = _canonical_layout(input)
     if residual is not None:
         residual = _ops.like_layout(residual, x)
     relu = activation == "relu"
+    if _tracing():
+        return _traceable(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked, relu, residual)
     residual3 = None if residual is None else _ops.as_ncl(residual)
-    name = _ops.resolve_backend(backend, _ops.as_ncl(x), residual3, relu)
+    name = "eager" if x.numel() == 0 else resolve(backend, _ops.as_ncl(x), residual3, relu)
+    compiling = torch.compiler.is_compiling()  # the ops' twins without jvp, which dynamo traces
     if not training:
-        return _ops.BatchNormEval.apply(
-            x, weight, bias, running_mean, running_var, residual, eps, relu, name)
-    y, mean, var = _ops.BatchNormTrain.apply(x, weight, bias, residual, eps, relu, name)
-    if running_mean is not None:
+        op = _autograd.TracedEval if compiling else _autograd.BatchNormEval
+        return op.apply(x, weight, bias, running_mean, running_var, residual, eps, relu, name)
+    if process_group is None and r_max is None and d_max is None:
+        op = _autograd.TracedTrain if compiling else _autograd.BatchNormTrain
+        y, mean, var, _ = op.apply(x, weight, bias, residual, eps, relu, name)
         m = x.numel() // x.shape[1]
-        _ops.update_running_stats(
-            running_mean, running_var, num_batches_tracked, mean, var, m, momentum, name)
+    else:
+        renorm = None
+        if r_max is not None or d_max is not None:
+            renorm = (1.0 if r_max is None else r_max, 0.0 if d_max is None else d_max,
+                      running_mean, running_var)
+        op = _autograd.TracedSeamed if compiling else _autograd.BatchNormSeamed
+        y, mean, var, m, *_ = op.apply(x, weight, bias, residual, eps, relu, name,
+                                       process_group, renorm)
+    if running_mean is not None:
+        # Inside torch.func transforms the statistics are wrapped tensors: torch ops update.
+        updater = "eager" if torch._C._are_functorch_transforms_active() else name
+        _ops.call("update_running_stats")(running_mean, running_var, num_batches_tracked, mean,
+                                          var, m, momentum, updater)
     return y
+
+
+def _tracing() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` (and the ONNX exporters) record the
+    call: they need torch's own ops, which they can translate, not kernels they cannot see."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or exporting()
+
+
+def _traceable(x, running_mean, running_var, weight, bias, training, momentum, eps,
+               num_batches_tracked, relu, residual) -> Tensor:
+    """The call in plain torch ops: torch's ``batch_norm`` in inference (exported as ONNX
+    ``BatchNormalization``), the eager specification in training (running-statistics guard
+    included)."""
+    if training:
+        x3 = _ops.as_ncl(x)
+        res3 = None if residual is None else _ops.as_ncl(residual)
+        y3, mean, _, var = eager.forward_train(x3, weight, bias, eps, res3, relu)
+        if running_mean is not None:
+            eager.update_running_stats(running_mean, running_var, num_batches_tracked, mean,
+                                       var, x3.shape[0] * x3.shape[2], momentum)
+        return y3.reshape(x.shape)
+    y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
+                         torch.backends.cudnn.enabled)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
 
 
 def _canonical_layout(x: Tensor) -> Tensor:
@@ -114,7 +185,7 @@ def _canonical_layout(x: Tensor) -> Tensor:
 def _empty_output(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                   residual: Tensor | None) -> Tensor:
     # Built from the inputs so that backward still reaches them (with zero gradients).
-    shape = (1, -1) + (1,) * (x.dim() - 2)
+    shape = (-1,) if x.dim() == 1 else (1, -1) + (1,) * (x.dim() - 2)
     y = x * weight.view(shape) if weight is not None else x.clone()
     if bias is not None:
         y = y + bias.view(shape)
@@ -122,48 +193,86 @@ def _empty_output(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 
 def _check(x, running_mean, running_var, weight, bias, training, momentum, eps,
-           num_batches_tracked, activation, residual) -> None:
-    """Every argument check, before anything is computed or updated."""
+           num_batches_tracked, activation, residual, process_group, r_max, d_max):
+    """Every argument check, before anything is computed or updated; returns ``momentum``
+    and ``eps`` as Python numbers."""
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(
+    if x.dim() < 2 and not (x.dim() == 1 and x.numel() == 0):
+        raise ShapeError(
             f"expected input of at least 2 dimensions (N, C, ...), got {x.dim()}D input of "
             f"shape {tuple(x.shape)}; add a batch dimension with input.unsqueeze(0)")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {x.dtype}; convert it with "
                         "input.float()")
-    channels = x.shape[1]
+    eps = _number("eps", eps)  # first, as torch: its own tests expect this error before others
+    if training and not eps > 0:
+        raise ValueError(f"eps must be positive during training, got {eps}; a channel whose "
+                         "values are all equal has variance 0 and would divide by zero (the "
+                         "default is 1e-5)")
+    if not eps >= 0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+    channels = x.shape[1] if x.dim() > 1 else 0
     if (running_mean is None) != (running_var is None):
         raise ValueError("pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
         raise ValueError(
             "running_mean and running_var are needed when training=False; pass them, or use "
             "training=True to normalize with the batch's own statistics")
+    updated = training and running_mean is not None
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         _check_vector(name, t, x, channels, exact_dtype=False)
+        if updated:
+            _check_writable(name, t)
     for name, t in (("weight", weight), ("bias", bias)):
-        _check_vector(name, t, x, channels, exact_dtype=True)
+        # An empty input normalizes nothing: any floating dtype will do, as in torch.
+        _check_vector(name, t, x, channels, exact_dtype=x.numel() > 0)
+    if running_mean is not None and _has_tangent(x) and (
+            _has_tangent(running_mean) or _has_tangent(running_var)):
+        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var: "
+                           "they are statistics, not inputs; pass them without a tangent "
+                           "(e.g. running_mean.detach())")
     if residual is not None:
         check_residual(residual, x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if momentum is None:
-        if training and running_mean is not None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; "
-                             "pass the module's counter or set a float momentum")
-    elif not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-    if num_batches_tracked is not None and (
-            num_batches_tracked.dim() != 0 or num_batches_tracked.is_floating_point()):
-        raise TypeError("num_batches_tracked must be a 0-dim integer tensor, got "
-                        f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}")
-    if training and x.numel() > 0 and x.numel() // channels <= 1:
+    if momentum is not None:
+        momentum = _number("momentum", momentum)
+        if updated and not math.isfinite(momentum):
+            raise ValueError(f"momentum must be finite to update the running statistics, got "
+                             f"{momentum}; it is the weight of the new batch, e.g. 0.1")
+    elif updated and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked; "
+                         "pass the module's counter or set a float momentum")
+    if num_batches_tracked is not None:
+        _check_counter(num_batches_tracked, running_mean, updated)
+    if process_group is not None and not training:
+        raise ValueError("process_group merges training statistics; pass it with "
+                         "training=True only")
+    if (r_max is not None or d_max is not None) and not (training and running_mean is not None):
+        raise ValueError("r_max and d_max (Batch Renorm) correct a training batch towards the "
+                         "running statistics; pass them with training=True and running_mean"
+                         "/running_var")
+    if training and process_group is None and x.numel() > 0 and x.numel() // channels <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}; "
             "use a batch of at least 2 samples, or call .eval() to use the running statistics")
+    return momentum, eps
+
+
+def _has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` is a dual tensor of ``torch.autograd.forward_ad`` with a tangent."""
+    if forward_ad._current_level < 0:  # no dual level open: nothing can have a tangent
+        return False
+    return forward_ad.unpack_dual(t).tangent is not None
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def _check_vector(name: str, t: Tensor | None, x: Tensor, channels: int, exact_dtype: bool):
@@ -172,22 +281,51 @@ def _check_vector(name: str, t: Tensor | None, x: Tensor, channels: int, exact_d
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.shape != (channels,):
-        raise ValueError(
+        raise ShapeError(
             f"{name} has shape {tuple(t.shape)} but the input has {channels} channels at dim 1 "
             f"(input shape {tuple(x.shape)}); expected shape ({channels},)")
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but the input is on {x.device}; move them to "
-                         "one device, e.g. module.to(input.device)")
+        raise ShapeError(f"{name} is on {t.device} but the input is on {x.device}; move them "
+                         "to one device, e.g. module.to(input.device)")
     mixed = x.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32
     if not t.is_floating_point() or (exact_dtype and t.dtype != x.dtype and not mixed):
-        raise TypeError(f"{name} has dtype {t.dtype} but the input is {x.dtype}; convert one of "
-                        f"them, e.g. module.to({x.dtype}) or input.to({t.dtype})")
+        raise DtypeError(f"{name} has dtype {t.dtype} but the input is {x.dtype}; convert one "
+                         f"of them, e.g. module.to({x.dtype}) or input.to({t.dtype})")
+
+
+def _check_writable(name: str, t: Tensor) -> None:
+    """Running statistics are written in place: they must be memory of their own."""
+    if t.numel() > 1 and 0 in t.stride():
+        raise ShapeError(f"{name} is an expanded tensor (stride 0): several channels share one "
+                         f"value, so updating it in place is undefined; pass {name}.clone()")
+    if t.requires_grad:
+        raise ValueError(f"{name} requires grad, but running statistics are buffers updated "
+                         f"in place; pass {name}.detach() or register it as a buffer")
+    if (not torch.compiler.is_compiling() and t.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        raise ValueError(f"{name} was created under torch.inference_mode() and cannot be "
+                         "updated outside it; clone it outside inference mode, or call "
+                         "the layer in eval()")
+
+
+def _check_counter(counter: Tensor, running_mean: Tensor | None, updated: bool) -> None:
+    if not isinstance(counter, Tensor) or counter.dim() != 0 or counter.is_floating_point() \
+            or counter.dtype == torch.bool:
+        raise TypeError("num_batches_tracked must be a 0-dim integer tensor, got "
+                        f"{getattr(counter, 'dtype', type(counter).__name__)} of shape "
+                        f"{tuple(getattr(counter, 'shape', ()))}")
+    if updated:
+        if counter.device != running_mean.device:
+            raise ShapeError(f"num_batches_tracked is on {counter.device} but the running "
+                             f"statistics are on {running_mean.device}; move them together, "
+                             "e.g. module.to(device)")
+        _check_writable("num_batches_tracked", counter)
 
 
 def check_residual(residual: Tensor, x: Tensor) -> None:
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(
+        raise ShapeError(
             f"residual must match the input: got {tuple(residual.shape)} {residual.dtype} on "
             f"{residual.device}, expected {tuple(x.shape)} {x.dtype} on {x.device}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from batchnorm import functional as F
 
@@ -34,8 +36,9 @@ class _NormBase(nn.Module):
         virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        lazy = isinstance(self, LazyModuleMixin) and num_features == 0  # set by the first input
         if not isinstance(num_features, int) or isinstance(num_features, bool) \
-                or num_features < 1:
+                or (num_features < 1 and not lazy):
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         if virtual_batch_size is not None and (
                 not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool)
@@ -100,8 +103,11 @@ class _NormBase(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before num_batches_tracked existed: start the count at 0.
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # Checkpoints from before num_batches_tracked existed (or a partial state_dict
+            # without its metadata): keep the layer's own count, as torch does.
+            counter = self.num_batches_tracked
+            usable = counter is not None and counter.device.type != "meta"
+            state_dict[key] = counter if usable else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -162,11 +168,17 @@ class _BatchNorm(_NormBase):
             num_batches_tracked=counter,
             activation=self.activation,
             residual=residual,
+            **(self._seams() if self.training else {}),
         )
+
+    def _seams(self) -> dict:
+        """Keyword arguments of ``batch_norm`` that open its seams in training (the process
+        group of ``SyncBatchNorm``, the bounds of Batch Renorm); none for plain batch norm."""
+        return {}
 
     def _check_channels(self, input: Tensor) -> None:
         if input.dim() >= 2 and input.shape[1] != self.num_features:
-            raise ValueError(
+            raise F.ShapeError(
                 f"{type(self).__name__}({self.num_features}) expected input with "
                 f"{self.num_features} channels at dim 1, got {input.shape[1]} (input shape "
                 f"{tuple(input.shape)}); construct it with num_features={input.shape[1]} or fix "
@@ -257,61 +269,78 @@ _fill_doc(BatchNorm3d, "5D", "the batch and all ``D * H * W`` positions",
           "``(N, C, D, H, W)``", "2, 3, 2, 4, 4")
 
 
-class _Act:
-    """Batch norm followed by a fused activation, with an optional residual added before it."""
+class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
+    """Batch norm whose ``num_features`` is read from the first input (``C = input.shape[1]``),
+    as ``torch.nn.LazyBatchNorm*d``; it then becomes the plain layer of its rank."""
 
-    def __init__(self, num_features: int, *args, activation: str | None = "relu", **kwargs):
-        super().__init__(num_features, *args, **kwargs)
-        if activation not in F.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {F.ACTIVATIONS}, got {activation!r}")
-        self.activation = activation
+    cls_to_become: type | None = None
+    weight: UninitializedParameter
+    bias: UninitializedParameter
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self._forward(input, residual)
+    def __init__(self, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        # No tensors yet: affine and tracking off, then uninitialized ones in their place.
+        super().__init__(0, eps, momentum, False, False, device, dtype, bias=False)
+        factory = {"device": device, "dtype": dtype}
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory)
+            if bias:
+                self.bias = UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}"
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: Tensor) -> None:
+        if not self.has_uninitialized_params():
+            return
+        if input.dim() < 2:
+            raise F.ShapeError(f"{type(self).__name__} reads num_features from dim 1 of its "
+                               f"first input, which has shape {tuple(input.shape)}")
+        self.num_features = input.shape[1]
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                tensor = getattr(self, name)
+                if tensor is not None:
+                    tensor.materialize((self.num_features,))
+            self.reset_parameters()
 
 
-class BatchNormAct1d(_Act, BatchNorm1d):
-    pass
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    cls_to_become = BatchNorm1d
 
 
-class BatchNormAct2d(_Act, BatchNorm2d):
-    pass
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    cls_to_become = BatchNorm2d
 
 
-class BatchNormAct3d(_Act, BatchNorm3d):
-    pass
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    cls_to_become = BatchNorm3d
 
 
-_ACT_DOC = r"""``{base}`` fused with its activation: ``act(BN(x) + residual)`` in one pass.
-
-    The block ``BN -> (+ residual) -> ReLU`` that ends most convolutional units, computed by one
-    kernel forward and one backward where the backend has them (Triton), so the normalized
-    tensor and the sum are never written out. State, arguments and checkpoints are
-    ``{base}``'s.
+_LAZY_DOC = """``{plain}`` whose ``num_features`` is read from its first input, as
+    ``torch.nn.Lazy{plain}``; after that call the layer is a ``{plain}``.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
-            virtual_batch_size: as ``{base}``.
-        activation: ``"relu"``, or ``None`` for none. Default: ``"relu"``.
-
-    Call it as ``layer(input)`` or ``layer(input, residual)``, with ``residual`` a tensor of
-    the input's shape, dtype and device.
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as ``{plain}``.
 
     Examples::
 
         >>> import torch
         >>> from batchnorm import {name}
-        >>> layer = {name}(3)
-        >>> x, shortcut = torch.randn({example}), torch.randn({example})
-        >>> y = layer(x, shortcut)
-        >>> bool((y >= 0).all()), tuple(y.shape)
-        (True, ({example}))
+        >>> bn = {name}()
+        >>> _ = bn(torch.randn({example}))
+        >>> type(bn).__name__, bn.num_features
+        ('{plain}', 3)
     """
 
-for _cls, _example in ((BatchNormAct1d, "4, 3, 7"), (BatchNormAct2d, "4, 3, 5, 5"),
-                       (BatchNormAct3d, "2, 3, 2, 4, 4")):
-    _cls.__doc__ = _ACT_DOC.format(name=_cls.__name__, base=_cls.__mro__[2].__name__,
-                                   example=_example)
+for _cls, _example in ((LazyBatchNorm1d, "4, 3, 7"), (LazyBatchNorm2d, "4, 3, 5, 5"),
+                       (LazyBatchNorm3d, "2, 3, 2, 4, 4")):
+    _cls.__doc__ = _LAZY_DOC.format(name=_cls.__name__, plain=_cls.cls_to_become.__name__,
+                                    example=_example)

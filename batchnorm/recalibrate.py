@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from batchnorm.modules import _BatchNorm
+from batchnorm import kinds
+from batchnorm.frozen import _FrozenBatchNorm
 from batchnorm.renorm import _BatchRenorm
-
-_TRAINABLE = (nn.modules.batchnorm._BatchNorm, _BatchNorm)
 
 
 @dataclass
@@ -87,7 +86,9 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
                                     or isinstance(num_batches, bool) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
     layers = [m for m in model.modules()
-              if isinstance(m, _TRAINABLE) and m.running_mean is not None]
+              if kinds.is_batch_norm(m) and not isinstance(m, _FrozenBatchNorm)
+              and getattr(m, "running_mean", None) is not None
+              and getattr(m, "num_batches_tracked", None) is not None]
     if not layers:
         raise ValueError("the model has no batch-norm layer with running statistics to "
                          "recalibrate (frozen layers and track_running_stats=False are skipped)")

@@ -1,5 +1,9 @@
 """Batch Renormalization (Ioffe, 2017): training outputs that agree with inference.
 
+A thin layer over ``batchnorm.functional.batch_norm``'s adjustment seam (``r_max=``,
+``d_max=``): one statistics pass, the corrections from it (``batchnorm._seams``), then the
+normalization, on the same backends and with the same guard as ``BatchNorm``.
+
 Batch norm trains on ``x_hat = (x - mu_B) / sigma_B`` but infers with the running ``mu`` and
 ``sigma``; with small or non-i.i.d. batches the two differ. Batch Renorm trains on
 
@@ -18,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from batchnorm import _eager
-from batchnorm import functional as F
+from batchnorm import _seams
+from batchnorm.kernels import eager
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 Bound = float | Callable[[Tensor], "Tensor | float"]
@@ -101,47 +105,24 @@ class _BatchRenorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max!r}, d_max={self.d_max!r}"
 
-    def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        # Called by _BatchNorm._forward once per batch, or once per chunk of a ghost batch in
-        # turn, so each chunk is corrected against the running estimates its predecessors
-        # updated, exactly as if the chunks had come as separate batches.
-        if not self.training or input.numel() == 0:
-            return super()._normalize(input, residual)
+    def _seams(self) -> dict:
+        # Called once per batch, or once per chunk of a ghost batch in turn, so each chunk is
+        # corrected against the running estimates its predecessors updated, exactly as if the
+        # chunks had come as separate batches; the step is the batches seen before this one.
+        step = self.num_batches_tracked
+        return {"r_max": _value(self.r_max, step), "d_max": _value(self.d_max, step)}
+
+    def corrections(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        """The clipped ``(r, d)`` per channel (float64) that a training step on ``input``
+        would apply now, before its running update (``batchnorm._seams.corrections``)."""
         if not input.is_floating_point():
             raise TypeError(f"expected a floating-point input, got {input.dtype}; convert it "
                             "with input.float()")
-        with torch.no_grad():
-            r, d = self.corrections(input)
-        # y = weight * (x_hat * r + d) + bias is batch norm with weight * r and
-        # weight * d + bias: r and d are constants, so d(y)/d(weight) = x_hat * r + d, and
-        # the input gradient is batch norm's through the batch statistics, scaled by r.
-        weight = r if self.weight is None else self.weight.to(r.dtype) * r
-        shift = d if self.weight is None else self.weight.to(d.dtype) * d
-        if self.bias is not None:
-            shift = shift + self.bias.to(d.dtype)
-        return F.batch_norm(input, self.running_mean, self.running_var, weight, shift, True,
-                            self.momentum, self.eps, num_batches_tracked=self.num_batches_tracked,
-                            activation=self.activation, residual=residual)
-
-    def corrections(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        """The clipped ``(r, d)`` per channel for a training batch, before the running update.
-
-        ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
-        ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` with ``sigma_B = sqrt(var_B + eps)``
-        (biased batch variance), ``sigma = sqrt(running_var + eps)``, and the bounds at step
-        ``num_batches_tracked`` (the number of batches seen before this one).
-        """
-        acc = _eager.acc_dtype(input.dtype)
-        x3 = input.reshape(input.shape[0], input.shape[1], -1).to(acc)
-        # One fused reduction (Welford in torch): accurate when |mean| >> std.
-        var_b, mean_b = torch.var_mean(x3, dim=_eager.REDUCE_DIMS, correction=0)
-        sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
-        step = self.num_batches_tracked
-        r_max = torch.as_tensor(_value(self.r_max, step), dtype=acc, device=input.device)
-        d_max = torch.as_tensor(_value(self.d_max, step), dtype=acc, device=input.device)
-        r = torch.clamp(torch.sqrt(var_b + self.eps) / sigma, 1 / r_max, r_max)
-        d = torch.clamp((mean_b - self.running_mean.to(acc)) / sigma, -d_max, d_max)
-        return r, d
+        _, mean, m2 = eager.stats(input.reshape(input.shape[0], input.shape[1], -1))
+        var = m2 / (input.numel() // input.shape[1])
+        bounds = self._seams()
+        return _seams.corrections(mean, var, self.eps, bounds["r_max"], bounds["d_max"],
+                                  self.running_mean, self.running_var)
 
 
 def _value(bound: Bound, step: Tensor):

@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import batchnorm  # noqa: E402
 from batchnorm.functional import batch_norm  # noqa: E402
-from batchnorm.kernels import cpu as numba_backend  # noqa: E402
-from batchnorm.kernels import cpu_buffers  # noqa: E402
+from batchnorm.kernels import numba_backend  # noqa: E402
+from batchnorm.kernels import numba_buffers as cpu_buffers  # noqa: E402
 
 # (shape, memory format): the table; the 2D row has a single layout.
 ROWS = [
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         "allocator, which, depending on its state, maps large blocks afresh (4 KiB pages, "
         "faulted in on first touch) or hands back recently freed ones; the numba backend reuses "
         f"the memory of its earlier outputs of {cpu_buffers.MIN_BYTES >> 20} MiB or more once "
-        "they are freed (`batchnorm.kernels.cpu_buffers`). The \"no pool\" columns time the "
+        "they are freed (`batchnorm.kernels.numba_buffers`). The \"no pool\" columns time the "
         "same kernels with every output from torch's allocator, as torch.nn's",
         "",
         "Training forward (with running-statistics update):",

@@ -2,7 +2,7 @@
 
 The numba backend runs a contiguous ``(N, C, H, W)`` input either in channel blocks, each read
 twice from the core's cache, or as ``N * C`` rows streamed in memory order; it takes blocks when
-a block's slice of the input fits ``batchnorm.kernels.cpu.SLICE_BYTES``. This script times
+a block's slice of the input fits ``numba_backend.Config.slice_bytes``. This script times
 forward + backward (module call, then the gradients of input, weight and bias) both ways on
 ResNet-like shapes, and prints which way ``plan`` picks for each. As in ``benchmarks/cpu.py``,
 torch.nn's forward + backward runs before every timed call, so each starts from the cache and
@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cpu as cpu_benchmark  # noqa: E402  (benchmarks/cpu.py)
 
 import batchnorm  # noqa: E402
-from batchnorm.kernels import cpu  # noqa: E402
+from batchnorm.kernels import numba_backend as cpu  # noqa: E402
 
 SHAPES = [(64, 64, 56, 56), (16, 64, 112, 112), (64, 256, 28, 28), (256, 64, 28, 28),
           (64, 128, 20, 20), (64, 256, 14, 14), (128, 128, 14, 14), (256, 512, 7, 7)]
-WAYS = {"blocks": float("inf"), "streamed": 0}  # the SLICE_BYTES that forces each way
+WAYS = {"blocks": 1 << 62, "streamed": 0}  # the Config.slice_bytes that forces each way
 
 
 def time_shape(shape, repeats: int) -> dict:
@@ -50,18 +50,18 @@ def time_shape(shape, repeats: int) -> dict:
         return torch.autograd.grad(y, (x, module.weight, module.bias), dy)
 
     times = {way: [] for way in WAYS}
-    saved = cpu.SLICE_BYTES
+    saved = cpu.DEFAULT
     try:
         for round_ in range(repeats + 1):  # the first round warms up and is not counted
             for way, slice_bytes in WAYS.items():
                 forward_backward(theirs)
-                cpu.SLICE_BYTES = slice_bytes
+                cpu.DEFAULT = saved.replace(slice_bytes=slice_bytes)
                 start = time.perf_counter()
                 forward_backward(ours)
                 if round_:
                     times[way].append(time.perf_counter() - start)
     finally:
-        cpu.SLICE_BYTES = saved
+        cpu.DEFAULT = saved
     return {way: 1e3 * float(np.median(t)) for way, t in times.items()}
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- load average before: {load_before[0]:.2f}",
         f"- forward + backward, median of {args.repeats} runs; slice = one channel block's "
         f"part of the input (`channel_block` channels x N x H x W x 4 bytes); blocks are taken "
-        f"up to SLICE_BYTES = {cpu.SLICE_BYTES / 2**20:g} MiB",
+        f"up to Config.slice_bytes = {cpu.DEFAULT.slice_bytes / 2**20:g} MiB",
         "",
         "| shape | slice MB | blocks ms | streamed ms | streamed / blocks | plan picks |",
         "|---|---|---|---|---|---|",

@@ -15,7 +15,7 @@ Parts (``--parts``, default ``table,fused,resnet``; ``sweep`` on request):
   network without torchvision), batch 128, synthetic data, SGD, after ``batchnorm.convert`` vs
   torch's batch norm, in bfloat16 channels_last (autocast) and float32 NCHW: images/s, the
   losses of the first 20 steps from the same weights and data, CUDA time in batch norm.
-* ``sweep``: ours with every path and tile size forced, to tune ``batchnorm.kernels.triton``.
+* ``sweep``: ours with every path and tile size forced, to tune ``batchnorm.kernels.triton_plan``.
 
 Times are medians of CUDA-event timings, L2 flushed (a 256 MB write) before every run, after
 a warm-up call. Bandwidth counts the minimal traffic for an input of ``S`` bytes: eval 2S,
@@ -50,7 +50,8 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # run from a checkout, next to gpu
 import gpu_resnet  # noqa: E402
 
 from batchnorm.functional import batch_norm  # noqa: E402
-from batchnorm.kernels import triton as bt  # noqa: E402
+from batchnorm.kernels import triton_backend as bt  # noqa: E402
+from batchnorm.kernels import triton_plan as tp  # noqa: E402
 
 SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14),
           (256, 2048, 7, 7), (32, 64, 56, 56), (8192, 4096)]
@@ -268,15 +269,15 @@ def target_lines(rows) -> list[str]:
 
 
 def sweep_part(args, timer, copy_gbs, rows, save):
-    configs = [bt.Config(path="resident")] + [
-        bt.Config(path=p, tile_bytes=t) for p in ("looped", "split") for t in (8192, 16384, 32768)]
-    default = bt.DEFAULT
+    configs = [tp.Config(path="resident")] + [
+        tp.Config(path=p, tile_bytes=t) for p in ("looped", "split") for t in (8192, 16384, 32768)]
+    default = tp.DEFAULT
     for shape, dtype, layout in cases():
         case = make(shape, DTYPES[dtype], layout)
         nbytes = case["x"].numel() * case["x"].element_size()
         for config in [None] + configs:
             name = "auto" if config is None else f"{config.path}/{config.tile_bytes}"
-            bt.DEFAULT = config or default
+            tp.DEFAULT = config or default
             try:
                 for mode in ("train", "train_bwd"):
                     ms = timer(runner("ours", mode, case))
@@ -285,7 +286,7 @@ def sweep_part(args, timer, copy_gbs, rows, save):
             except ValueError:
                 pass  # the resident path does not fit this shape
             finally:
-                bt.DEFAULT = default
+                tp.DEFAULT = default
         print(f"{time.time() - START:6.0f} s  sweep {label(shape, dtype, layout)}", flush=True)
         save()
 
@@ -329,7 +330,7 @@ def header(part: str, copy_gbs: float, args) -> list[str]:
             f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}; measured copy bandwidth "
             f"{copy_gbs:.0f} GB/s; {time.strftime('%Y-%m-%d %H:%M')}; "
-            f"backend config {bt.DEFAULT}; arguments {vars(args)}.", "",
+            f"backend config {tp.DEFAULT}; arguments {vars(args)}.", "",
             "ms: median CUDA time per call, L2 flushed before each; % copy: achieved bandwidth "
             "over the minimal traffic (eval 2S, train 3S, train_bwd and fused 8S) as a share "
             "of the copy bandwidth; vs X: X's time over ours (above 1 = ours faster)."]

@@ -2,7 +2,7 @@
 
 Checks, each printed as PASS/FAIL with its largest error (the run exits 1 on any failure):
 
-1. ``forward_train``, ``backward`` and ``forward_eval`` of ``batchnorm.kernels.triton`` on the
+1. ``forward_train``, ``backward`` and ``forward_eval`` of ``batchnorm.kernels.triton_backend`` on the
    benchmark shapes (float32, bfloat16, float16; NCHW and channels_last) with the default
    paths, against float64 torch (``F.batch_norm`` and its autograd) on the same values;
 2. every path forced (resident, looped, split) with the fused residual + ReLU epilogue;
@@ -37,7 +37,8 @@ from tolerances import TOL  # noqa: E402
 
 import batchnorm  # noqa: E402
 from batchnorm.functional import batch_norm  # noqa: E402
-from batchnorm.kernels import triton as bt  # noqa: E402
+from batchnorm.kernels import triton_backend as bt  # noqa: E402
+from batchnorm.kernels import triton_plan as tp  # noqa: E402
 
 EPS = 1e-5
 SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14),
@@ -129,7 +130,7 @@ def paths_for(x3):
     """The paths this input can take (resident only where a channel block fits)."""
     paths = ["looped", "split"]
     try:
-        bt._plan(bt._view(x3), x3.element_size(), 3, x3.device, bt.Config(path="resident"))
+        tp.plan(tp.view_of(x3), x3.element_size(), 3, x3.device, tp.Config(path="resident"))
         paths.insert(0, "resident")
     except ValueError:
         pass
@@ -141,7 +142,7 @@ def check_forced_paths(shape, dtype, channels_last):
     x, dy, res, w, b = make(shape, dtype, channels_last, seed=1)
     x3, dy3, res3 = ncl(x), ncl(dy), ncl(res)
     for path in paths_for(x3):
-        config = bt.Config(path=path)
+        config = tp.Config(path=path)
         y3, mean, rstd, _ = bt.forward_train(x3, w, b, EPS, res3, True, config=config)
         mask = (y3.double() > 0).double()
         y, dx, dw, db, up = truth(x, dy, w, b, res, mask.reshape(x.shape))
@@ -188,7 +189,7 @@ def check_non_finite_input():
     x3 = make(shape, torch.float32, False, seed=5)[0]
     x3[1, 0, 2], x3[2, 5, 4] = float("nan"), float("inf")
     for path in paths_for(x3):
-        _, mean, _, var = bt.forward_train(x3, None, None, EPS, config=bt.Config(path=path))
+        _, mean, _, var = bt.forward_train(x3, None, None, EPS, config=tp.Config(path=path))
         bad = ~(mean.isfinite() & var.isfinite())
         expected = torch.zeros(8, dtype=torch.bool, device=DEVICE)
         expected[[0, 5]] = True

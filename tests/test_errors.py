@@ -69,10 +69,18 @@ FUNCTIONAL_CASES = [
     ("activation", dict(activation="gelu"), ValueError, r"activation must be one of"),
     ("residual-shape", dict(residual=torch.randn(4, 3, 2)), ValueError,
      r"residual must match the input"),
-    ("momentum-range", dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
+    ("momentum-nan", dict(momentum=float("nan")), ValueError,
+     r"momentum must be finite to update the running statistics"),
+    ("momentum-type", dict(momentum="0.1"), TypeError, r"momentum must be a real number"),
     ("momentum-none-no-counter", dict(momentum=None), ValueError,
      r"momentum=None \(cumulative average\) needs num_batches_tracked"),
-    ("eps", dict(eps=-1.0), ValueError, r"eps must be >= 0"),
+    ("eps-negative", dict(eps=-1.0), ValueError, r"eps must be positive during training"),
+    ("eps-zero", dict(eps=0.0), ValueError, r"eps must be positive during training"),
+    ("eps-nan", dict(eps=float("nan")), ValueError, r"eps must be positive during training"),
+    ("expanded-running-mean", dict(running_mean=torch.zeros(1).expand(3)), ValueError,
+     r"running_mean is an expanded tensor \(stride 0\)"),
+    ("running-var-requires-grad", dict(running_var=torch.ones(3, requires_grad=True)),
+     ValueError, r"running_var requires grad, but running statistics are buffers"),
     ("counter-float", dict(num_batches_tracked=torch.tensor(0.0)), TypeError,
      r"num_batches_tracked must be a 0-dim integer tensor"),
     ("backend", dict(backend="cuda"), ValueError, r"unknown batch-norm backend 'cuda'"),
@@ -89,6 +97,62 @@ def test_functional_errors_leave_running_stats_untouched(case):
     with pytest.raises(error, match=message):
         batch_norm(**kwargs)
     assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
+
+
+def test_running_stats_made_under_inference_mode_are_refused_in_training():
+    with torch.inference_mode():
+        mean, var = torch.zeros(3), torch.ones(3)
+    counter = torch.tensor(2)
+    with pytest.raises(ValueError, match="created under torch.inference_mode"):
+        batch_norm(torch.randn(4, 3), mean, var, training=True, num_batches_tracked=counter)
+    assert int(counter) == 2
+    with torch.inference_mode():  # inside it, and in eval, they work
+        batch_norm(torch.randn(4, 3), mean, var, training=True)
+    batch_norm(torch.randn(4, 3), mean, var, training=False)
+
+
+def test_eval_takes_any_momentum_and_a_zero_eps_as_torch():
+    x = torch.randn(4, 3, 5)
+    mean, var = torch.randn(3), torch.rand(3) + 0.5
+    for momentum in (-1.2, 3.0, float("nan"), None):
+        y = batch_norm(x, mean, var, training=False, momentum=momentum, eps=0.0)
+        expected = torch.nn.functional.batch_norm(x, mean, var, training=False, eps=0.0)
+        torch.testing.assert_close(y, expected)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        batch_norm(x, mean, var, training=False, eps=-1.0)
+
+
+def test_training_takes_a_momentum_outside_0_1_as_torch():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    ours = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
+    theirs = tuple(t.clone() for t in ours)
+    batch_norm(x, *ours, training=True, momentum=-1.0)
+    torch.nn.functional.batch_norm(x, *theirs, training=True, momentum=-1.0)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+MISMATCHES = [
+    ("weight-shape", dict(weight=torch.ones(2)), r"weight has shape \(2,\)"),
+    ("stats-shape", dict(running_mean=torch.zeros(4), running_var=torch.ones(4)),
+     r"running_mean has shape \(4,\)"),
+    ("weight-dtype", dict(weight=torch.ones(3, dtype=torch.float64)),
+     r"weight has dtype torch.float64"),
+    ("weight-device", dict(weight=torch.ones(3, device="meta")), r"weight is on meta"),
+]
+
+
+@pytest.mark.parametrize("case", MISMATCHES, ids=lambda c: c[0])
+def test_mismatched_tensors_raise_what_torch_raises_too(case):
+    # torch raises RuntimeError for these; code written for it catches ours as well.
+    _, overrides, message = case
+    kwargs = dict(input=torch.randn(4, 3, 5), running_mean=torch.zeros(3),
+                  running_var=torch.ones(3), training=True)
+    kwargs.update(overrides)
+    with pytest.raises(RuntimeError, match=message):
+        batch_norm(**kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        batch_norm(**kwargs)
 
 
 def test_unsupported_forced_backend_is_an_error_not_a_fallback():

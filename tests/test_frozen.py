@@ -7,7 +7,8 @@ import torch
 from tolerances import assert_close
 
 import batchnorm
-from batchnorm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze
+from batchnorm import freeze
+from batchnorm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from batchnorm.renorm import BatchRenorm1d
 from batchnorm.sync import SyncBatchNorm
 

@@ -27,9 +27,11 @@ import torch.nn.functional as F  # noqa: E402
 from tolerances import TOL, assert_close  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: the GPU kernels are optional")
-bt = pytest.importorskip("batchnorm.kernels.triton")
+bt = pytest.importorskip("batchnorm.kernels.triton_backend")
+from batchnorm.kernels import triton_plan as tp  # noqa: E402
+
 if not bt.interpreted():  # imported earlier without TRITON_INTERPRET: define the kernels again
-    for name in ("triton_kernels", "triton_backward_kernels"):  # helpers first, then users
+    for name in ("triton_forward", "triton_backward"):  # helpers first, then users
         importlib.reload(importlib.import_module(f"batchnorm.kernels.{name}"))
 
 EPS = 1e-5
@@ -52,7 +54,7 @@ PATHS = ("resident", "looped", "split")
 def _small_tiles(dtype: torch.dtype, path: str | None = None):
     """Tiles of 8 values and channel blocks of 2: every path walks several tiles per block."""
     size = torch.empty(0, dtype=dtype).element_size()
-    return bt.Config(tile_bytes=8 * size, row_bytes=2 * size, path=path)
+    return tp.Config(tile_bytes=8 * size, row_bytes=2 * size, path=path)
 
 
 def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -217,8 +219,8 @@ def test_small_tiles_really_split():
     """The small-tile config cuts these cases into several tiles and split programs."""
     for layout in LAYOUTS:
         x3 = _make((5, 5, 13), layout, torch.float32)[0]
-        view = bt._view(x3)
-        plan = bt._plan(view, 4, 1, x3.device, _small_tiles(torch.float32, "split"))
+        view = tp.view_of(x3)
+        plan = tp.plan(view, 4, 1, x3.device, _small_tiles(torch.float32, "split"))
         assert plan.units > 1 and plan.programs > 1 and plan.per > 1
 
 
@@ -382,11 +384,11 @@ def test_refuses_what_it_cannot_run():
         bt.forward_train(torch.zeros(2, 3, 8)[:, :, ::2], None, None, EPS)
     with pytest.raises(ValueError, match="resident path"):
         bt.forward_train(torch.zeros(64, 3, 64), None, None, EPS,
-                         config=bt.Config(path="resident", resident_elems=16))
+                         config=tp.Config(path="resident", resident_elems=16))
     with pytest.raises(ValueError, match="Config.path"):
-        bt.Config(path="fast")
+        tp.Config(path="fast")
     with pytest.raises(ValueError, match="Config.tile_bytes"):
-        bt.Config(tile_bytes=0)
+        tp.Config(tile_bytes=0)
 
 
 def test_functional_end_to_end():

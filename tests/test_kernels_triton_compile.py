@@ -31,12 +31,12 @@ try:
     assert "nvidia" in backends
 except Exception as error:
     print(error); sys.exit(3)
-from batchnorm.kernels import triton as bt
-from batchnorm.kernels import triton_backward_kernels as tbk, triton_kernels as tk
+from batchnorm.kernels import triton_backend as bt, triton_plan as tp
+from batchnorm.kernels import triton_backward as tbk, triton_forward as tk
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.float64: "fp64", torch.int64: "i64"}
-bt._device_info = lambda device: (132, 50 << 20)
+tp._device_info = lambda device: (132, 50 << 20)
 done = set()
 
 def compiler(kernel):
@@ -78,14 +78,18 @@ for dtype, paths in ((torch.float32, ("resident", "looped", "split")),
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
         w = torch.empty(shape[1], dtype=dtype, device="meta")
         for path in paths:
-            config = bt.Config(path=path)
+            config = tp.Config(path=path)
             y, mean, rstd, var = bt.forward_train(x, w, w, 1e-5, x, True, config=config)
             bt.backward(x, x, y, mean, rstd, w, True, need_dres=True, config=config)
         bt.forward_eval(x, mean, mean, x, True)
-    bt.backward(x, x, None, mean, rstd, None, False, config=bt.Config(path="split"))
+        bt.forward_eval(x, mean, mean, None, False, mean)  # the training apply, with a pivot
+        bt.stats(x)
+        bt.grad_sums(x, x, y, mean, rstd)
+        bt.grad_input(x, x, y, mean, rstd, w, mean, mean, True)
+    bt.backward(x, x, None, mean, rstd, None, False, config=tp.Config(path="split"))
 x = torch.empty(8, 3, 5, dtype=torch.float64, device="meta")
-y, mean, rstd, var = bt.forward_train(x, None, None, 1e-5, config=bt.Config(path="split"))
-bt.backward(x, x, None, mean, rstd, None, True, config=bt.Config(path="split"))
+y, mean, rstd, var = bt.forward_train(x, None, None, 1e-5, config=tp.Config(path="split"))
+bt.backward(x, x, None, mean, rstd, None, True, config=tp.Config(path="split"))
 stats = torch.empty(3, device="meta")
 bt.update_running_stats(stats, stats, torch.empty((), dtype=torch.int64, device="meta"), stats,
                         stats, 10, None)

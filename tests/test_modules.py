@@ -128,17 +128,25 @@ def test_state_dict_round_trip_with_torch(case):
         assert torch.equal(back.state_dict()[key], value), key
 
 
-def test_old_checkpoint_without_num_batches_tracked_loads():
+@pytest.mark.parametrize("metadata", ["version-1", "none"])
+def test_state_dict_without_num_batches_tracked_loads_as_torch_does(metadata):
+    # A checkpoint from before num_batches_tracked existed (version 1), or a partial state_dict
+    # without metadata (strict=False): torch keeps the layer's own count.
     theirs = torch.nn.BatchNorm2d(3)
     theirs.running_mean.fill_(0.25)
     state = theirs.state_dict()
     del state["num_batches_tracked"]
-    state._metadata[""]["version"] = 1  # saved before num_batches_tracked existed
-    ours = batchnorm.BatchNorm2d(3)
-    ours.num_batches_tracked.fill_(7)
-    ours.load_state_dict(state)
-    assert int(ours.num_batches_tracked) == 0
-    assert torch.all(ours.running_mean == 0.25)
+    if metadata == "version-1":
+        state._metadata[""]["version"] = 1
+    else:
+        del state._metadata
+    results = []
+    for layer in (batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)):
+        layer.num_batches_tracked.fill_(7)
+        layer.load_state_dict(state, strict=metadata == "version-1")
+        assert torch.all(layer.running_mean == 0.25)
+        results.append(int(layer.num_batches_tracked))
+    assert results[0] == results[1] == 7
 
 
 def test_reset_running_stats_and_parameters():

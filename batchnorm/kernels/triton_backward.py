@@ -1,6 +1,6 @@
-"""Triton kernels of the batch-norm gradients (the closed form of ``batchnorm._eager.backward``).
+"""Triton kernels of the batch-norm gradients (the closed form of ``eager.backward``).
 
-They read tensors through the ``(N, C, L)`` view and the units of ``triton_kernels`` (see its
+They read tensors through the ``(N, C, L)`` view and the units of ``triton_forward`` (see its
 docstring), with the same three paths: channel-resident, channel per program, and a split
 reduction whose partial sums merge in a fixed order (bitwise deterministic). With ``dz`` the
 gradient at the affine output (``dy``, masked by ``y > 0`` after a fused ReLU) and
@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from batchnorm.kernels.triton_kernels import _bc, _channel_vector, _first, _merge, _sum3, _unit
+from batchnorm.kernels.triton_forward import _bc, _channel_vector, _first, _merge, _sum3, _unit
 
 
 @triton.jit

@@ -1,8 +1,8 @@
 """Triton kernels of batch normalization: statistics, normalization and running statistics.
 
 Every kernel reads a tensor through one three-dimensional view ``(N, C, L)`` with element
-``(n, c, l)`` at ``n * s_n + c * s_c + l``; the host (``batchnorm.kernels.triton``) maps both
-memory layouts onto it without a copy:
+``(n, c, l)`` at ``n * s_n + c * s_c + l``; the host (``batchnorm.kernels.triton_backend``) maps
+both memory layouts onto it without a copy:
 
 * contiguous ``(N, C, L)``: the view itself, ``s_n = C * L``, ``s_c = L``. A program owns one
   channel (``BC = 1``) and walks ``[BN, 1, BL]`` tiles of its ``N`` runs of ``L`` values.
@@ -13,7 +13,7 @@ memory layouts onto it without a copy:
 A channel block's ``(n, l)`` tiles are its *units*, numbered row-major: unit ``u`` is tile
 ``(u // cdiv(L, BL), u % cdiv(L, BL))``. A unit past the end falls wholly under the mask.
 
-Numerical decisions (the same as ``batchnorm._eager``):
+Numerical decisions (the same as ``batchnorm.kernels.eager``):
 
 * Accumulation in ``ACC`` (float32, or float64 for float64 input); outputs are rounded once.
 * Every value is shifted by a pivot ``s = x[0, c, 0]`` before it is summed. Partial sums
@@ -25,7 +25,7 @@ Numerical decisions (the same as ``batchnorm._eager``):
 * Outputs are normalized as ``((x - s) - (mean - s)) * rstd``: ``x - s`` is exact for values
   near the pivot, so the centring error is at the scale of the spread, not of the mean.
 
-The gradient kernels, which share the helpers here, are in ``triton_backward_kernels``.
+The gradient kernels, which share the helpers here, are in ``triton_backward``.
 """
 
 from __future__ import annotations
@@ -248,17 +248,19 @@ def normalize_kernel(
         _store_output(z, y_ptr, res_ptr, offs, mask, HAS_RES, RELU)
 
 
-# Inference forward (Algorithm 2 folded into one FMA per value), program (cb, g) on its PER
-# units:  y = relu(scale[c] * x + shift[c] + residual).
+# The affine map of a batch norm with known statistics (Algorithm 2 folded into one FMA per
+# value, or a training batch once its statistics are merged), program (cb, g) on its PER units:
+#   y = relu((x - center[c]) * scale[c] + shift[c] + residual),   center = 0 unless HAS_CENTER.
 @triton.jit
 def eval_kernel(
     x_ptr,  # input, (N, C, L) in the view of the module docstring
     y_ptr,  # output, (N, C, L), same strides as x
     res_ptr,  # residual added before the ReLU, (N, C, L) same strides as x (if HAS_RES)
-    scale_ptr, shift_ptr,  # weight * rstd and bias - mean * weight * rstd, (C,)
+    scale_ptr, shift_ptr,  # weight * rstd and bias - (mean - center) * weight * rstd, (C,)
+    center_ptr,  # the pivot subtracted first (x - center is exact near it), (C,) (if HAS_CENTER)
     N, C, L, s_n, s_c, PER,
     BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, HAS_CENTER: tl.constexpr, ACC: tl.constexpr,
 ):
     cb = tl.program_id(0)
     g = tl.program_id(1)
@@ -266,10 +268,12 @@ def eval_kernel(
     cmask = c < C
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC)
     shift = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC)
+    center = _channel_vector(center_ptr, c, cmask, HAS_CENTER, 0.0, ACC)
     for i in range(0, PER):
         offs, mask = _unit(g * PER + i, cb, N, C, L, s_n, s_c, BN, BC, BL)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        _store_output(x * _bc(scale) + _bc(shift), y_ptr, res_ptr, offs, mask, HAS_RES, RELU)
+        z = (x - _bc(center)) * _bc(scale) + _bc(shift)
+        _store_output(z, y_ptr, res_ptr, offs, mask, HAS_RES, RELU)
 
 
 @triton.jit

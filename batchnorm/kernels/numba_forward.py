@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (numba) for the batch-norm forward, on NumPy views of torch tensors.
+"""Compiled CPU kernels (numba) of the batch-norm forward phases, on NumPy views of tensors.
 
 Three loop orders for the two layouts of the canonical ``(N, C, L)`` view (the caller picks
 one, and its work split, from the shape):
@@ -19,7 +19,7 @@ the thread count, so every result is bitwise reproducible.
 Numerical decisions:
 
 * Sums accumulate in float64 for float32 and float64 input, on values shifted by a pivot ``s``
-  (the channel's first value, as in ``batchnorm._eager``): ``d = x - s`` is exact for values
+  (the channel's first value, as in ``batchnorm.kernels.eager``): ``d = x - s`` is exact for values
   near each other, so ``var = E[d^2] - E[d]^2`` keeps its precision when ``|mean| >> std``.
   Rounding can make that difference slightly negative; it is clamped at zero, NaN kept.
 * The normalization is ``y = (x - s) * scale + shift`` with ``scale = weight * rstd`` and
@@ -122,6 +122,24 @@ def finish_statistics(partial, pivot, m, weight, bias, eps, mean, rstd, var, coe
 
 
 @njit(parallel=True, **JIT)
+def partial_sums_ncl(x, pivot, n_chunks):
+    """Per-chunk ``(sum(x - pivot), sum((x - pivot)**2))`` of a contiguous ``(N, C, L)``
+    array's ``N * C`` rows, cut into ``n_chunks`` chunks: a ``(n_chunks, 2, C)`` float64 array."""
+    channels = x.shape[1]
+    rows = x.shape[0] * channels
+    partial = np.empty((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
+        for i in range(start, stop):
+            n, c = divmod(i, channels)
+            t1, t2 = shifted_sums(x[n, c], pivot[c])
+            partial[k, 0, c] += t1
+            partial[k, 1, c] += t2
+    return partial
+
+
+@njit(parallel=True, **JIT)
 def forward_train_ncl(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
     """Algorithm 1 on a contiguous ``(N, C, L)`` array, as its ``N * C`` rows in memory order.
 
@@ -142,16 +160,7 @@ def forward_train_ncl(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
     """
     n_batch, channels, length = x.shape
     rows = n_batch * channels
-    pivot = x[0, :, 0].astype(np.float64)
-    partial = np.empty((n_chunks, 2, channels))
-    for k in prange(n_chunks):
-        start, stop = chunk(k, n_chunks, rows)
-        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
-        for i in range(start, stop):
-            n, c = divmod(i, channels)
-            t1, t2 = shifted_sums(x[n, c], pivot[c])
-            partial[k, 0, c] += t1
-            partial[k, 1, c] += t2
+    partial = partial_sums_ncl(x, x[0, :, 0].astype(np.float64), n_chunks)
     coef = np.empty((3, channels), x.dtype)  # pivot, scale, shift in x's dtype
     finish_statistics(partial, x[0, :, 0], n_batch * length, weight, bias, eps, mean, rstd, var,
                       coef)
@@ -234,6 +243,18 @@ def _affine_rows(x, start, stop, pivot, scale, shift, y):
 
 
 @njit(parallel=True, **JIT)
+def partial_sums_rows(x, pivot, n_chunks):
+    """Per-chunk shifted sums, as :func:`partial_sums_ncl`, of channels-last ``(R, C)`` rows."""
+    rows, channels = x.shape
+    partial = np.empty((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
+        _shifted_sums_rows(x, start, stop, pivot, partial[k, 0], partial[k, 1])
+    return partial
+
+
+@njit(parallel=True, **JIT)
 def forward_train_rows(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
     """Algorithm 1 on channels-last input seen as ``(R, C)`` rows (``R = N * L``).
 
@@ -247,12 +268,7 @@ def forward_train_rows(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
     ([4.5, 5.5, 6.5], [11.25, 11.25, 11.25], [-3.0, -1.0, 1.0, 3.0])
     """
     rows, channels = x.shape
-    pivot = x[0].astype(np.float64)
-    partial = np.empty((n_chunks, 2, channels))
-    for k in prange(n_chunks):
-        start, stop = chunk(k, n_chunks, rows)
-        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
-        _shifted_sums_rows(x, start, stop, pivot, partial[k, 0], partial[k, 1])
+    partial = partial_sums_rows(x, x[0].astype(np.float64), n_chunks)
     coef = np.empty((3, channels), x.dtype)  # pivot, scale, shift in x's dtype
     finish_statistics(partial, x[0], rows, weight, bias, eps, mean, rstd, var, coef)
     for k in prange(n_chunks):
@@ -261,66 +277,106 @@ def forward_train_rows(x, weight, bias, eps, y, mean, rstd, var, n_chunks):
 
 
 @njit(parallel=True, **JIT)
-def forward_eval_ncl(x, scale, shift, y):
-    """``y = scale[c] * x + shift[c]`` on a contiguous ``(N, C, L)`` array.
+def forward_eval_ncl(x, center, scale, shift, y):
+    """``y = (x - center[c]) * scale[c] + shift[c]`` on a contiguous ``(N, C, L)`` array.
 
-    ``scale`` and ``shift`` are ``(C,)`` in x's dtype; the ``N * C`` rows run in parallel.
+    ``center``, ``scale`` and ``shift`` are ``(C,)`` in x's dtype (``center`` zeros for
+    inference with the running statistics, a pivot for a training batch: ``x - center`` is
+    then exact); the ``N * C`` rows run in parallel.
 
     >>> x = np.ones((2, 2, 3))
     >>> y = np.empty_like(x)
-    >>> forward_eval_ncl(x, np.array([2.0, 3.0]), np.array([0.5, -1.0]), y)
+    >>> forward_eval_ncl(x, np.zeros(2), np.array([2.0, 3.0]), np.array([0.5, -1.0]), y)
     >>> y[1].tolist()
     [[2.5, 2.5, 2.5], [2.0, 2.0, 2.0]]
     """
     n_batch, channels, length = x.shape
     for i in prange(n_batch * channels):
         n, c = i // channels, i % channels
-        a, b = scale[c], shift[c]
-        row = x[n, c]
-        out = y[n, c]
-        for j in range(length):
-            out[j] = row[j] * a + b
+        affine(x[n, c], center[c], scale[c], shift[c], y[n, c])
 
 
 @njit(parallel=True, **JIT)
-def forward_eval_rows(x, scale, shift, y):
-    """``y = scale[c] * x + shift[c]`` on channels-last ``(R, C)`` rows.
+def forward_eval_rows(x, center, scale, shift, y):
+    """``y = (x - center[c]) * scale[c] + shift[c]`` on channels-last ``(R, C)`` rows.
 
     >>> x = np.ones((3, 2))
     >>> y = np.empty_like(x)
-    >>> forward_eval_rows(x, np.array([2.0, 3.0]), np.array([0.5, -1.0]), y)
+    >>> forward_eval_rows(x, np.zeros(2), np.array([2.0, 3.0]), np.array([0.5, -1.0]), y)
     >>> y.tolist()
     [[2.5, 2.0], [2.5, 2.0], [2.5, 2.0]]
     """
     for r in prange(x.shape[0]):
-        row = x[r]
-        out = y[r]
-        for c in range(row.shape[0]):
-            out[c] = row[c] * scale[c] + shift[c]
+        _affine_rows(x, r, r + 1, center, scale, shift, y)
 
 
 @njit(**JIT)
-def update_running_stats(running_mean, running_var, count, mean, var, bessel, momentum):
-    """The running-estimate update of ``batchnorm._eager.update_running_stats``, in place.
+def finish_moments(partial, pivot, m, mean, m2):
+    """Phase ``stats`` from per-chunk shifted sums: ``mean = pivot + S1/m`` and
+    ``M2 = S2 - S1**2/m`` (clamped at 0 against rounding, NaN kept), both float64."""
+    total = merge(partial)
+    for c in range(total.shape[1]):
+        d_mean = total[0, c] / m
+        v = total[1, c] - total[0, c] * d_mean
+        if v < 0.0:
+            v = 0.0
+        mean[c] = np.float64(pivot[c]) + d_mean
+        m2[c] = v
+
+
+@njit(**JIT)
+def stats_ncl(x, mean, m2, n_chunks):
+    """Phase ``stats`` of a contiguous ``(N, C, L)`` array, streamed as in
+    :func:`forward_train_ncl`; ``mean`` and ``m2`` are float64 ``(C,)`` outputs.
+
+    >>> mean, m2 = np.empty(3), np.empty(3)
+    >>> stats_ncl(np.arange(12.0).reshape(2, 3, 2), mean, m2, 4)
+    >>> mean.tolist(), m2.tolist()
+    ([3.5, 5.5, 7.5], [37.0, 37.0, 37.0])
+    """
+    pivot = x[0, :, 0].astype(np.float64)
+    finish_moments(partial_sums_ncl(x, pivot, n_chunks), pivot, x.shape[0] * x.shape[2], mean,
+                   m2)
+
+
+@njit(**JIT)
+def stats_rows(x, mean, m2, n_chunks):
+    """Phase ``stats`` of channels-last ``(R, C)`` rows, streamed as in
+    :func:`forward_train_rows`.
+
+    >>> mean, m2 = np.empty(3), np.empty(3)
+    >>> stats_rows(np.arange(12.0).reshape(4, 3), mean, m2, 3)
+    >>> mean.tolist(), m2.tolist()
+    ([4.5, 5.5, 6.5], [45.0, 45.0, 45.0])
+    """
+    pivot = x[0].astype(np.float64)
+    finish_moments(partial_sums_rows(x, pivot, n_chunks), pivot, x.shape[0], mean, m2)
+
+
+@njit(**JIT)
+def update_running_stats(running_mean, running_var, count, mean, var, bessel, momentum,
+                         cumulative):
+    """The running-estimate update of ``batchnorm.kernels.eager.update_running_stats``, in place.
 
     ``running = running + factor * (batch - running)`` in float64, rounded once into the
     running arrays' dtype, with ``var * bessel`` (``bessel = m / (m - 1)``) as the batch's
     variance. ``factor`` is ``momentum``, or ``1 / count`` after counting this batch when
-    ``momentum < 0`` (the cumulative average). ``count`` is a 1-element int64 array, or empty
-    when the layer keeps no counter. A batch with any non-finite statistic changes nothing.
+    ``cumulative`` (the cumulative average). ``count`` is a 1-element int64 array, or empty
+    when the layer keeps no counter. A batch with any non-finite statistic (or a NaN
+    ``bessel``, for a single value) changes nothing.
 
     >>> rm, rv, count = np.zeros(2), np.ones(2), np.array([1])
-    >>> update_running_stats(rm, rv, count, np.array([2.0, 4.0]), np.ones(2), 2.0, -1.0)
+    >>> update_running_stats(rm, rv, count, np.array([2.0, 4.0]), np.ones(2), 2.0, 0.0, True)
     >>> rm.tolist(), rv.tolist(), count.tolist()
     ([1.0, 2.0], [1.5, 1.5], [2])
     """
     for c in range(mean.shape[0]):
-        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+        if not (np.isfinite(mean[c]) and np.isfinite(np.float64(var[c]) * bessel)):
             return
     if count.shape[0] > 0:
         count[0] += 1
     factor = momentum
-    if momentum < 0.0:
+    if cumulative:
         factor = 1.0 / max(count[0], 1)
     for c in range(mean.shape[0]):
         old_mean, old_var = np.float64(running_mean[c]), np.float64(running_var[c])

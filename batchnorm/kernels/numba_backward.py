@@ -1,8 +1,8 @@
-"""Compiled CPU kernels (numba) for the batch-norm backward: two sums in one pass, then ``dx``.
+"""Compiled CPU kernels (numba) of the batch-norm backward: two sums in one pass, then ``dx``.
 
 The loop orders (``ncl`` and ``rows`` streamed in fixed chunks of rows, ``ncl_blocks`` in
 cache-resident channel blocks), the chunked sums merged in chunk order, and the numerical rules
-are those of ``batchnorm.kernels.cpu_kernels``.
+are those of ``batchnorm.kernels.numba_forward``.
 With ``x_hat = (x - mean) * rstd``, ``a = weight * rstd`` and ``m = N * L`` values per channel:
 
     dbias   = sum(dy)
@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 # numba's on-disk cache keys a kernel on its own file only: after editing a helper or constant
-# imported from cpu_kernels, delete batchnorm/kernels/__pycache__ so this file's kernels rebuild.
-from batchnorm.kernels.cpu_kernels import (
+# imported from numba_forward, delete batchnorm/kernels/__pycache__ so this file's kernels
+# rebuild.
+from batchnorm.kernels.numba_forward import (
     JIT,
     SUM_FLAGS,
     chunk,
@@ -77,6 +78,24 @@ def finish_grads(partial, m, mean, rstd, weight, dweight, dbias, coef):
 
 
 @njit(parallel=True, **JIT)
+def partial_grad_sums_ncl(dy, x, mu, n_chunks):
+    """Per-chunk ``(sum(dy), sum(dy * (x - mu)))`` of contiguous ``(N, C, L)`` arrays' ``N * C``
+    rows, cut into ``n_chunks`` chunks: a ``(n_chunks, 2, C)`` float64 array."""
+    channels = x.shape[1]
+    rows = x.shape[0] * channels
+    partial = np.empty((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
+        for i in range(start, stop):
+            n, c = divmod(i, channels)
+            t_dy, t_dyx = grad_sums(dy[n, c], x[n, c], mu[c])
+            partial[k, 0, c] += t_dy
+            partial[k, 1, c] += t_dyx
+    return partial
+
+
+@njit(parallel=True, **JIT)
 def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias, n_chunks):
     """Gradients on contiguous ``(N, C, L)`` arrays, as their ``N * C`` rows in memory order.
 
@@ -100,16 +119,7 @@ def backward_ncl(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbia
     """
     n_batch, channels, length = x.shape
     rows = n_batch * channels
-    mu = mean.astype(np.float64)
-    partial = np.empty((n_chunks, 2, channels))
-    for k in prange(n_chunks):
-        start, stop = chunk(k, n_chunks, rows)
-        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
-        for i in range(start, stop):
-            n, c = divmod(i, channels)
-            t_dy, t_dyx = grad_sums(dy[n, c], x[n, c], mu[c])
-            partial[k, 0, c] += t_dy
-            partial[k, 1, c] += t_dyx
+    partial = partial_grad_sums_ncl(dy, x, mean.astype(np.float64), n_chunks)
     coef = np.empty((4, channels), x.dtype)  # mean, a, b, c0 in x's dtype
     finish_grads(partial, n_batch * length, mean, rstd, weight, dweight, dbias, coef)
     if need_dx:
@@ -162,7 +172,7 @@ def _grad_sums_rows(dy, x, start, stop, mu, s_dy, s_dyx):
     """Add ``dy`` and ``dy * (x - mu)``, per channel, over rows ``[start, stop)``.
 
     Four rows per sweep, one from each quarter of the range, as
-    ``cpu_kernels._shifted_sums_rows`` and for the same reasons.
+    ``numba_forward._shifted_sums_rows`` and for the same reasons.
     """
     q = quarters(start, stop)
     for r in range(start, start + q):
@@ -201,6 +211,18 @@ def _grad_input_rows(dy, x, start, stop, coef, training, dx):
 
 
 @njit(parallel=True, **JIT)
+def partial_grad_sums_rows(dy, x, mu, n_chunks):
+    """Per-chunk gradient sums, as :func:`partial_grad_sums_ncl`, of ``(R, C)`` rows."""
+    rows, channels = x.shape
+    partial = np.empty((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, rows)
+        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
+        _grad_sums_rows(dy, x, start, stop, mu, partial[k, 0], partial[k, 1])
+    return partial
+
+
+@njit(parallel=True, **JIT)
 def backward_rows(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbias, n_chunks):
     """Gradients on channels-last ``(R, C)`` rows: chunked partial sums, merge, then ``dx``.
 
@@ -215,15 +237,67 @@ def backward_rows(dy, x, mean, rstd, weight, training, need_dx, dx, dweight, dbi
     ([0.0], [10.0], [-1.5, -0.5, 0.5, 1.5])
     """
     rows, channels = x.shape
-    mu = mean.astype(np.float64)
-    partial = np.empty((n_chunks, 2, channels))
-    for k in prange(n_chunks):
-        start, stop = chunk(k, n_chunks, rows)
-        partial[k] = 0.0  # by the task that fills it: in parallel, and warm in its cache
-        _grad_sums_rows(dy, x, start, stop, mu, partial[k, 0], partial[k, 1])
+    partial = partial_grad_sums_rows(dy, x, mean.astype(np.float64), n_chunks)
     coef = np.empty((4, channels), x.dtype)  # mean, a, b, c0 in x's dtype
     finish_grads(partial, rows, mean, rstd, weight, dweight, dbias, coef)
     if need_dx:
         for k in prange(n_chunks):
             start, stop = chunk(k, n_chunks, rows)
             _grad_input_rows(dy, x, start, stop, coef, training, dx)
+
+
+@njit(**JIT)
+def finish_grad_sums(partial, rstd, s_dz, s_dz_x_hat):
+    """Phase ``grad_sums`` from per-chunk sums: ``sum(dy)``, and ``rstd * sum(dy * (x - mu))``
+    for ``sum(dy * x_hat)``."""
+    total = merge(partial)
+    for c in range(total.shape[1]):
+        s_dz[c] = total[0, c]
+        s_dz_x_hat[c] = total[1, c] * np.float64(rstd[c])
+
+
+@njit(**JIT)
+def grad_sums_ncl(dy, x, mean, rstd, s_dz, s_dz_x_hat, n_chunks):
+    """Phase ``grad_sums`` on contiguous ``(N, C, L)`` arrays, streamed in ``n_chunks`` chunks.
+
+    >>> x = np.array([[[1.0, 3.0]], [[5.0, 7.0]]])
+    >>> s_dz, s_dz_x_hat = np.empty(1), np.empty(1)
+    >>> grad_sums_ncl(x - 4.0, x, np.array([4.0]), np.array([0.5]), s_dz, s_dz_x_hat, 2)
+    >>> s_dz.tolist(), s_dz_x_hat.tolist()
+    ([0.0], [10.0])
+    """
+    partial = partial_grad_sums_ncl(dy, x, mean.astype(np.float64), n_chunks)
+    finish_grad_sums(partial, rstd, s_dz, s_dz_x_hat)
+
+
+@njit(**JIT)
+def grad_sums_rows(dy, x, mean, rstd, s_dz, s_dz_x_hat, n_chunks):
+    """Phase ``grad_sums`` on channels-last ``(R, C)`` rows, streamed in ``n_chunks`` chunks."""
+    partial = partial_grad_sums_rows(dy, x, mean.astype(np.float64), n_chunks)
+    finish_grad_sums(partial, rstd, s_dz, s_dz_x_hat)
+
+
+@njit(parallel=True, **JIT)
+def grad_input_ncl(dy, x, coef, dx):
+    """Phase ``grad_input`` on contiguous ``(N, C, L)`` arrays: ``dx = a * dy + b * (x - mean)
+    + c0`` with ``coef`` rows ``mean, a, b, c0`` (module docstring), in x's dtype.
+
+    >>> x = np.array([[[1.0, 3.0]], [[5.0, 7.0]]])
+    >>> dx = np.empty_like(x)
+    >>> grad_input_ncl(np.ones_like(x), x, np.array([[4.0], [0.5], [0.0], [-0.5]]), dx)
+    >>> dx.ravel().tolist()
+    [0.0, 0.0, 0.0, 0.0]
+    """
+    n_batch, channels, _ = x.shape
+    for i in prange(n_batch * channels):
+        n, c = i // channels, i % channels
+        grad_input(dy[n, c], x[n, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c], True,
+                   dx[n, c])
+
+
+@njit(parallel=True, **JIT)
+def grad_input_rows(dy, x, coef, dx, n_chunks):
+    """Phase ``grad_input`` on channels-last ``(R, C)`` rows, in ``n_chunks`` chunks."""
+    for k in prange(n_chunks):
+        start, stop = chunk(k, n_chunks, x.shape[0])
+        _grad_input_rows(dy, x, start, stop, coef, True, dx)

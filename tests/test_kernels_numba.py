@@ -1,7 +1,8 @@
-"""Tests of the numba CPU backend (batchnorm/kernels/cpu.py) against independent truths.
+"""Tests of the numba CPU backend (batchnorm/kernels/numba_backend.py) against independent truths.
 
 Truths: float64 ``torch.nn.functional.batch_norm`` (outputs, and its autograd for the
-gradients) and the eager specification ``batchnorm._eager`` run in float64 on the same values.
+gradients) and the eager specification ``batchnorm.kernels.eager`` run in float64 on the same
+values.
 Every case runs in every loop order of the kernels: contiguous input in channel blocks (of one
 channel, and of two) and streamed (``ncl``), channels-last input streamed (``rows``); the
 streamed ones with the chunks of rows the backend picks and with three chunks forced (uneven,
@@ -14,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_close
 
-from batchnorm import _eager
+from batchnorm.kernels import eager as _eager
 
 numba = pytest.importorskip("numba", reason="numba is not installed: the CPU kernels are optional")
-cpu = pytest.importorskip("batchnorm.kernels.cpu")
+cpu = pytest.importorskip("batchnorm.kernels.numba_backend")
 
 EPS = 1e-5
 
@@ -41,7 +42,7 @@ DTYPES = (torch.float32, torch.float64)
 def _multithreaded_kernels(monkeypatch):
     # Run even the small cases on numba's thread pool; the one-thread path that small inputs
     # take gives bitwise the same results (see the thread-count test below).
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(cpu, "DEFAULT", cpu.DEFAULT.replace(parallel_min_numel=0))
 
 
 @pytest.fixture(params=ORDERS)
@@ -54,14 +55,15 @@ def order(request, monkeypatch):
     chunk boundaries, wherever those fall.
     """
     name = request.param
+    config = cpu.DEFAULT
     if name.startswith("ncl_blocks"):
-        block = int(name[-1])
-        monkeypatch.setattr(cpu, "SLICE_BYTES", float("inf"))
-        monkeypatch.setattr(cpu, "channel_block", lambda channels, length: block)
+        monkeypatch.setattr(cpu, "DEFAULT", config.replace(slice_bytes=1 << 62,
+                                                           block=int(name[-1])))
         return "ncl"
-    monkeypatch.setattr(cpu, "SLICE_BYTES", 0)  # contiguous input streams
+    config = config.replace(slice_bytes=0)  # contiguous input streams
     if name.endswith("_3_chunks"):
-        monkeypatch.setattr(cpu, "row_chunks", lambda rows, per_channel: min(rows, 3))
+        config = config.replace(chunks=3, min_chunk_values=1)
+    monkeypatch.setattr(cpu, "DEFAULT", config)
     return name.removesuffix("_3_chunks")
 
 
@@ -223,8 +225,8 @@ def test_gradient_in_another_layout_than_the_input(order):
 
 
 def test_outputs_from_the_buffer_pool_are_ordinary_tensors(order, monkeypatch):
-    # Outputs of cpu_buffers.MIN_BYTES or more come from the pool; lower the bar to test it.
-    monkeypatch.setattr(cpu.cpu_buffers, "MIN_BYTES", 0)
+    # Outputs of numba_buffers.MIN_BYTES or more come from the pool; lower the bar to test it.
+    monkeypatch.setattr(cpu.numba_buffers, "MIN_BYTES", 0)
     x3, dy3, weight, bias = _make((3, 5, 11), order, torch.float32)
     y3, mean, rstd, _ = cpu.forward_train(x3, weight, bias, EPS)
     dx3 = cpu.backward(dy3, x3, None, mean, rstd, weight, True)[0]
@@ -273,7 +275,7 @@ def test_results_are_bitwise_reproducible_across_thread_counts(shape, order):
 def test_small_inputs_run_on_one_thread_and_restore_the_thread_count(monkeypatch):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has a single thread here: nothing to switch")
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 100)
+    monkeypatch.setattr(cpu, "DEFAULT", cpu.DEFAULT.replace(parallel_min_numel=100))
     kernel = cpu._kernel("forward_eval_ncl")
     seen = []
 

@@ -1,4 +1,4 @@
-"""Tests of the numba backend's output pool (batchnorm/kernels/cpu_buffers.py).
+"""Tests of the numba backend's output pool (batchnorm/kernels/numba_buffers.py).
 
 The property that matters: memory is handed out again only when no tensor can see it, so a
 kept output is never overwritten, and training with the pool gives bitwise the results of
@@ -13,8 +13,9 @@ import torch
 import batchnorm
 
 numba = pytest.importorskip("numba", reason="numba is not installed: the pool serves its kernels")
-from batchnorm.kernels import cpu, cpu_buffers  # noqa: E402
-from batchnorm.kernels.cpu_buffers import BufferPool  # noqa: E402
+from batchnorm.kernels import numba_backend as cpu  # noqa: E402
+from batchnorm.kernels import numba_buffers as cpu_buffers  # noqa: E402
+from batchnorm.kernels.numba_buffers import BufferPool  # noqa: E402
 
 MIB = 1 << 20
 
