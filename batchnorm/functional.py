@@ -110,6 +110,12 @@ def batch_norm(
         >>> torch.allclose(mean, 0.1 * x.mean(dim=(0, 2)))
         True
     """
+    if torch.jit.is_tracing():
+        # The trace records torch's ops, which check their arguments; checks of ours would run
+        # once, on the example input, and only warn that their outcome is baked into the trace.
+        return _traceable(input, running_mean, running_var, weight, bias, training,
+                          None if momentum is None else float(momentum), float(eps),
+                          num_batches_tracked, activation == "relu", residual)
     momentum, eps = _check(input, running_mean, running_var, weight, bias, training, momentum,
                            eps, num_batches_tracked, activation, residual, process_group,
                            r_max, d_max)
@@ -119,7 +125,7 @@ def batch_norm(
     if residual is not None:
         residual = _ops.like_layout(residual, x)
     relu = activation == "relu"
-    if _tracing():
+    if getattr(torch.compiler, "is_exporting", lambda: False)():
         return _traceable(x, running_mean, running_var, weight, bias, training, momentum, eps,
                           num_batches_tracked, relu, residual)
     residual3 = None if residual is None else _ops.as_ncl(residual)
@@ -148,18 +154,12 @@ def batch_norm(
     return y
 
 
-def _tracing() -> bool:
-    """Whether ``torch.jit.trace`` or ``torch.export`` (and the ONNX exporters) record the
-    call: they need torch's own ops, which they can translate, not kernels they cannot see."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.jit.is_tracing() or exporting()
-
-
 def _traceable(x, running_mean, running_var, weight, bias, training, momentum, eps,
                num_batches_tracked, relu, residual) -> Tensor:
-    """The call in plain torch ops: torch's ``batch_norm`` in inference (exported as ONNX
-    ``BatchNormalization``), the eager specification in training (running-statistics guard
-    included)."""
+    """The call in plain torch ops, for ``torch.jit.trace`` and ``torch.export`` (and the ONNX
+    exporters), which need ops they can record and translate, not kernels they cannot see:
+    torch's ``batch_norm`` in inference (ONNX ``BatchNormalization``), the eager
+    specification in training (running-statistics guard included)."""
     if training:
         x3 = _ops.as_ncl(x)
         res3 = None if residual is None else _ops.as_ncl(residual)

@@ -2,8 +2,8 @@
 
 Checks, each printed as PASS/FAIL with its largest error (the run exits 1 on any failure):
 
-1. ``forward_train``, ``backward`` and ``forward_eval`` of ``batchnorm.kernels.triton_backend`` on the
-   benchmark shapes (float32, bfloat16, float16; NCHW and channels_last) with the default
+1. ``forward_train``, ``backward`` and ``forward_eval`` of ``batchnorm.kernels.triton_backend``
+   on the benchmark shapes (float32, bfloat16, float16; NCHW and channels_last) with the default
    paths, against float64 torch (``F.batch_norm`` and its autograd) on the same values;
 2. every path forced (resident, looped, split) with the fused residual + ReLU epilogue;
 3. the running-statistics update on the device, including the non-finite skip;

@@ -293,10 +293,24 @@ def test_functional_forward_ad_and_vmap_match_torch(sample, dtype):
                 function(dual, *args, **kwargs)).tangent
         x, args, kwargs = _clone_args(sample)
         stacked = torch.stack([x.detach(), x.detach() * 2 + 1])
-        mapped = _outcome(lambda f=function, a=args, kw=kwargs: vmap(
-            lambda t: f(t, *a, **kw))(stacked))
+        mapped = _outcome(lambda f=function, a=args, kw=kwargs, s=stacked: vmap(
+            lambda t: f(t, *a, **kw))(s))
         outcomes.append((tangent_out, mapped))
     _close(outcomes[0][0], outcomes[1][0], dtype, "tangent")
     assert outcomes[0][1][0] == outcomes[1][1][0], (outcomes[0][1][1], outcomes[1][1][1])
     if outcomes[0][1][0] == "ok":
         _close(outcomes[0][1][1], outcomes[1][1][1], dtype, "vmapped output")
+
+
+@pytest.mark.parametrize("cls, sample, dtype, training",
+                         [c for c in MODULE_CASES if c.values[2] == torch.float32])
+def test_module_pickles_and_copies_as_torch_nn(cls, sample, dtype, training, tmp_path):
+    # torch's test_pickle, with the full-module load it needs (torch.load defaults to weights)
+    ours, _ = _pair(cls, sample, dtype, training)
+    x = sample.forward_input.args[0].detach()
+    y = ours(x)
+    torch.save(ours, tmp_path / "layer.pt")
+    for copied in (torch.load(tmp_path / "layer.pt", weights_only=False), copy.deepcopy(ours)):
+        assert type(copied) is type(ours)
+        _close(copied(x), ours(x), dtype, "output of the copy")
+    assert y.shape == x.shape
