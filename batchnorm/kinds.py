@@ -180,9 +180,10 @@ def take_over(old: nn.Module, cls: type, **attributes) -> nn.Module:
         take_tail(old, new)
     for name in _HOOKS:
         hooks = getattr(old, name, None)
-        if hooks is not None:  # hooks bound to the old layer itself (lazy setup) stay with it
-            setattr(new, name, type(hooks)((key, hook) for key, hook in hooks.items()
-                                           if getattr(hook, "__self__", None) is not old))
+        if hooks is not None:  # added to the new layer's own (a lazy layer's setup hooks)
+            own = getattr(new, name)
+            own.update((key, hook) for key, hook in hooks.items()
+                       if getattr(hook, "__self__", None) is not old)  # not old's own setup
     new.train(old.training)
     for name, value in attributes.items():
         setattr(new, name, value)

@@ -299,6 +299,10 @@ class _LazyBatchNorm(LazyModuleMixin, _BatchNorm):
 
     def initialize_parameters(self, input: Tensor) -> None:
         if not self.has_uninitialized_params():
+            # Loaded from a checkpoint before its first input: its tensors tell the channels.
+            tensor = next((t for t in (self.weight, self.running_mean) if t is not None), None)
+            if self.num_features == 0 and tensor is not None:
+                self.num_features = tensor.numel()
             return
         if input.dim() < 2:
             raise F.ShapeError(f"{type(self).__name__} reads num_features from dim 1 of its "

@@ -182,3 +182,68 @@ def test_property_matches_torch_functional(n, c, spatial, training, affine, chan
     assert y.stride() == expected.stride()
     assert_close(mean, mean_ref)
     assert_close(var, var_ref)
+
+
+def _transform_cases():
+    """Each torch.func / autograd.functional transform the issue tracker saw fail, as a function
+    of the batch-norm function ``f(x, weight, bias)`` and its inputs."""
+    def scalar(f):
+        return lambda x, w, b: f(x, w, b).square().sum()
+
+    return {
+        "vmap": lambda f, x, w, b: torch.func.vmap(f, in_dims=(0, None, None))(
+            torch.stack([x, 2 * x + 1]), w, b),
+        "grad": lambda f, x, w, b: torch.func.grad(scalar(f), argnums=(0, 1, 2))(x, w, b),
+        "jacrev": lambda f, x, w, b: torch.func.jacrev(f, argnums=(0, 1))(x, w, b),
+        "jacfwd": lambda f, x, w, b: torch.func.jacfwd(f, argnums=(0, 1))(x, w, b),
+        "jvp": lambda f, x, w, b: torch.func.jvp(f, (x, w, b), (torch.ones_like(x), w, b)),
+        "hessian": lambda f, x, w, b: torch.func.hessian(scalar(f))(x, w, b),
+        "jacobian_vectorized": lambda f, x, w, b: torch.autograd.functional.jacobian(
+            f, (x, w, b), vectorize=True),
+        "hessian_vectorized": lambda f, x, w, b: torch.autograd.functional.hessian(
+            scalar(f), (x, w, b), vectorize=True),
+    }
+
+
+TRANSFORMS = _transform_cases()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["numba"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_function_transforms_match_torch(transform, training, backend):
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weight, bias = (t.detach() for t in _params(3))
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def ours(x, w, b):
+        return batch_norm(x, mean, var, w, b, training=training, backend=backend) \
+            if not training else batch_norm(x, None, None, w, b, training=True, backend=backend)
+
+    def theirs(x, w, b):
+        return tF.batch_norm(x, mean, var, w, b, training=training) \
+            if not training else tF.batch_norm(x, None, None, w, b, training=True)
+
+    results = [TRANSFORMS[transform](f, x, weight, bias) for f in (ours, theirs)]
+    flat = [torch.utils._pytree.tree_leaves(r) for r in results]
+    assert len(flat[0]) == len(flat[1])
+    for a, b in zip(*flat, strict=True):
+        assert_close(a, b, msg=transform)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["numba"])
+def test_gradcheck_with_batched_and_forward_gradients(backend):
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    x = (torch.randn(3, 2, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
+    weight, bias = _params(2)
+
+    def f(x, weight, bias):
+        return batch_norm(x, None, None, weight, bias, training=True, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias), check_batched_grad=True,
+                                    check_forward_ad=True, check_backward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, weight, bias), check_fwd_over_rev=True,
+                                        check_rev_over_rev=True)

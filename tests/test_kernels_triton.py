@@ -1,10 +1,7 @@
 """Tests of the Triton backend (batchnorm/kernels/triton*.py) on CPU tensors, against float64 torch.
 
-The kernels run under Triton's interpreter. ``@triton.jit`` reads ``TRITON_INTERPRET`` when a
-kernel is *defined*, so this module sets it before importing the kernels, and reloads the
-kernel modules if another test imported them first without it (``test_interpreter_on`` checks
-that it took effect). The setting stays for the rest of the pytest process; no other test
-uses Triton on a GPU.
+The kernels run under Triton's interpreter (``tests/triton_interpreter.py``;
+``test_interpreter_on`` checks that it took effect).
 
 Truths: ``torch.nn.functional.batch_norm`` and its autograd in float64 on the same (rounded)
 values; a closed-form EMA for the running statistics. Shapes are tiny and odd (C = 1 and 3,
@@ -15,24 +12,16 @@ to cut the channel slices into several tiles and split programs.
 never does.
 """
 
-import importlib
-import os
 from unittest import mock
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined; see the module docstring
+import pytest
+import torch
+import torch.nn.functional as F
+import triton_interpreter
+from tolerances import TOL, assert_close
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tolerances import TOL, assert_close  # noqa: E402
-
-pytest.importorskip("triton", reason="triton is not installed: the GPU kernels are optional")
-bt = pytest.importorskip("batchnorm.kernels.triton_backend")
+bt = triton_interpreter.backend()
 from batchnorm.kernels import triton_plan as tp  # noqa: E402
-
-if not bt.interpreted():  # imported earlier without TRITON_INTERPRET: define the kernels again
-    for name in ("triton_forward", "triton_backward"):  # helpers first, then users
-        importlib.reload(importlib.import_module(f"batchnorm.kernels.{name}"))
 
 EPS = 1e-5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

@@ -215,3 +215,44 @@ def test_convert_replaces_torch_sync_batchnorm_keeping_its_process_group():
     x = torch.randn(6, 4)
     assert_close(model(x), reference(x), torch.float32)
     assert_close(model[1].running_var, reference[1].running_var, torch.float32)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_lazy_modules_become_the_plain_layer_as_torch(rank):
+    shape = {1: (4, 3, 7), 2: (4, 3, 5, 5), 3: (2, 3, 2, 4, 4)}[rank]
+    ours = getattr(batchnorm, f"LazyBatchNorm{rank}d")(momentum=0.3, dtype=torch.float64)
+    theirs = getattr(torch.nn, f"LazyBatchNorm{rank}d")(momentum=0.3, dtype=torch.float64)
+    assert ours.has_uninitialized_params()
+    x = torch.randn(shape, dtype=torch.float64)
+    assert_close(ours(x), theirs(x))
+    assert type(ours) is getattr(batchnorm, f"BatchNorm{rank}d") and ours.num_features == 3
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        if value.is_floating_point():
+            assert_close(ours.state_dict()[key], value, msg=key)
+        else:
+            assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_lazy_layer_loads_a_checkpoint_before_its_first_input():
+    trained = batchnorm.BatchNorm2d(5)
+    trained(torch.randn(4, 5, 3, 3))
+    lazy = batchnorm.LazyBatchNorm2d()
+    lazy.load_state_dict(trained.state_dict())
+    lazy.eval()
+    trained.eval()
+    x = torch.randn(2, 5, 3, 3)
+    assert_close(lazy(x), trained(x))
+
+
+def test_convert_takes_torch_lazy_layers_and_keeps_hooks():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.LazyBatchNorm2d(),
+                                torch.nn.BatchNorm2d(4))
+    seen = []
+    model[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    model[2].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    model = batchnorm.convert(model)
+    assert type(model[1]) is batchnorm.LazyBatchNorm2d and type(model[2]) is batchnorm.BatchNorm2d
+    model(torch.randn(2, 3, 4, 4))
+    assert type(model[1]) is batchnorm.BatchNorm2d and model[1].num_features == 4
+    assert seen == ["pre", torch.Size([2, 4, 4, 4])]

@@ -206,3 +206,61 @@ def test_convert_refuses_virtual_batches_and_checks_rank():
         SyncBatchNorm.convert_sync_batchnorm(batchnorm.BatchNorm2d(3, virtual_batch_size=4))
     with pytest.raises(ValueError, match="at least 2D"):
         SyncBatchNorm(3)(torch.randn(3))
+
+
+def _init_with_timeout(rank: int, world: int, init: str) -> None:
+    import datetime
+
+    torch.set_num_threads(1)
+    # A collective that a rank never joins fails after this long instead of hanging forever.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def _edges_job(rank: int, world: int, init: str) -> None:
+    _init_with_timeout(rank, world, init)
+    try:
+        # One value per channel in the whole batch: rank 0 holds (1, C), rank 1 (0, C). The
+        # unbiased variance does not exist; the running statistics stay as they were.
+        layer = SyncBatchNorm(3)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        y = layer(torch.randn(1 - rank, 3))
+        assert torch.isfinite(y).all()
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        # Ranks that disagree on the channels or the dtype all raise, naming each rank's.
+        for channels, dtype in (((3, 4), (torch.float32,) * 2),
+                                ((3, 3), (torch.float32, torch.float64))):
+            layer = SyncBatchNorm(channels[rank], dtype=dtype[rank])
+            counter = layer.num_batches_tracked.clone()
+            with pytest.raises(ValueError, match="disagree on the input.*rank 0: 3 channels, "
+                                                 "torch.float32.*rank 1: "):
+                layer(torch.randn(4, channels[rank], 2, dtype=dtype[rank]))
+            assert torch.equal(layer.num_batches_tracked, counter)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_single_value_and_mismatched_ranks(tmp_path):
+    _spawn(_edges_job, 2, tmp_path)
+
+
+def _backends_job(rank: int, world: int, init: str) -> None:
+    import os
+
+    _init(rank, world, init)
+    try:
+        for backend in os.environ["SYNC_TEST_BACKENDS"].split(","):
+            os.environ["BATCHNORM_BACKEND"] = backend
+            _check_layer(rank, world, LAYERS[1])  # channels-last, momentum 0.3
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_match_on_every_backend(tmp_path, monkeypatch):
+    import importlib.util
+
+    backends = ["eager"] + [b for b in ("numba", "triton") if importlib.util.find_spec(b)]
+    monkeypatch.setenv("SYNC_TEST_BACKENDS", ",".join(backends))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks run Triton's interpreter
+    _spawn(_backends_job, 2, tmp_path)

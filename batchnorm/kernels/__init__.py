@@ -31,24 +31,23 @@ numba      ``batchnorm.kernels.numba_backend``               compiled CPU kernel
 triton     ``batchnorm.kernels.triton_backend``              fused GPU kernels
 =========  ===============================================  =================================
 
-The compiled backends import their library only when a kernel first runs.
+The compiled backends import their library (numba, Triton) only when a kernel first runs.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
 from torch import Tensor
 
+from batchnorm.kernels import eager, numba_backend, triton_backend
+
 NAMES = ("auto", "eager", "numba", "triton")
 PHASES = ("stats", "forward_eval", "grad_sums", "grad_input", "update_running_stats",
           "forward_train", "backward")
-_MODULES = {"eager": "batchnorm.kernels.eager", "numba": "batchnorm.kernels.numba_backend",
-            "triton": "batchnorm.kernels.triton_backend"}
+_MODULES = {"eager": eager, "numba": numba_backend, "triton": triton_backend}
 _EXTRAS = {"numba": "pip install numba", "triton": "pip install triton"}
-_loaded: dict[str, ModuleType] = {}
 
 
 def backend(name: str) -> ModuleType:
@@ -57,10 +56,7 @@ def backend(name: str) -> ModuleType:
     >>> backend("eager").__name__
     'batchnorm.kernels.eager'
     """
-    module = _loaded.get(name)
-    if module is None:
-        module = _loaded[name] = importlib.import_module(_MODULES[name])
-    return module
+    return _MODULES[name]
 
 
 def resolve(requested: str | None, x3: Tensor, residual3: Tensor | None, relu: bool) -> str:

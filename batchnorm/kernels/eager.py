@@ -262,8 +262,8 @@ def backward(
     need_dx: bool = True,
     need_dres: bool = False,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
-    """Gradients in closed form (the chain rule of Algorithm 1): ``grad_sums``, then
-    ``grad_input``.
+    """Gradients in closed form (the chain rule of Algorithm 1): ``grad_sums`` and
+    ``grad_input`` in one.
 
     With ``M = N * L`` values per channel::
 
@@ -280,11 +280,17 @@ def backward(
         (``None`` unless ``need_dres``) in the input's dtype and layout; ``dweight`` and ``dbias``
         are per-channel sums in the accumulation dtype (the caller casts them).
     """
-    dbias, dweight = grad_sums(dy3, x3, y3, mean, rstd)
-    m = x3.shape[0] * x3.shape[2]
-    means = (dbias / m, dweight / m) if training else (None, None)
-    dx3, dres3 = grad_input(dy3, x3, y3, mean, rstd, weight, *means, need_dres)
-    return (dx3 if need_dx else None), dweight, dbias, dres3
+    acc = mean.dtype
+    dz = _grad_at_affine(dy3, y3, acc)  # the two phases' shared terms, computed once
+    x_hat = _x_hat(x3, mean, rstd)
+    dbias, dweight = dz.sum(REDUCE_DIMS), (dz * x_hat).sum(REDUCE_DIMS)
+    dx = None
+    if need_dx:
+        m = x3.shape[0] * x3.shape[2]
+        g = dz - _per_channel(dbias / m) - x_hat * _per_channel(dweight / m) if training else dz
+        scale = rstd.to(acc) if weight is None else rstd.to(acc) * weight.to(acc)
+        dx = (g * _per_channel(scale)).to(x3.dtype)
+    return dx, dweight, dbias, (dz.to(x3.dtype) if need_dres else None)
 
 
 # --- running statistics ------------------------------------------------------------------------

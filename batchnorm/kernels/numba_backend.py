@@ -28,7 +28,6 @@ epilogue are refused by ``supports()`` and stay on the eager path.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -85,18 +84,24 @@ class Config:
 DEFAULT = Config()
 
 
-@functools.cache
+_available: bool | None = None  # whether numba imports, once known
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it once instead of tracing it
 def available() -> bool:
     """Whether numba can be imported (once per process; this is where numba gets imported).
 
     >>> isinstance(available(), bool)
     True
     """
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _available
+    if _available is None:
+        try:
+            import numba  # noqa: F401
+            _available = True
+        except ImportError:
+            _available = False
+    return _available
 
 
 def loop_order(x3: Tensor) -> str | None:

@@ -77,7 +77,7 @@ def finish_grads(partial, m, mean, rstd, weight, dweight, dbias, coef):
         coef[0, c] = mean[c]
 
 
-@njit(parallel=True, **JIT)
+@njit(parallel=True, inline="always", **JIT)  # inlined as numba_forward.partial_sums_ncl
 def partial_grad_sums_ncl(dy, x, mu, n_chunks):
     """Per-chunk ``(sum(dy), sum(dy * (x - mu)))`` of contiguous ``(N, C, L)`` arrays' ``N * C``
     rows, cut into ``n_chunks`` chunks: a ``(n_chunks, 2, C)`` float64 array."""
@@ -210,7 +210,7 @@ def _grad_input_rows(dy, x, start, stop, coef, training, dx):
                 out[c] = g_row[c] * a[c]
 
 
-@njit(parallel=True, **JIT)
+@njit(parallel=True, inline="always", **JIT)
 def partial_grad_sums_rows(dy, x, mu, n_chunks):
     """Per-chunk gradient sums, as :func:`partial_grad_sums_ncl`, of ``(R, C)`` rows."""
     rows, channels = x.shape

@@ -121,7 +121,9 @@ def finish_statistics(partial, pivot, m, weight, bias, eps, mean, rstd, var, coe
         coef[0, c] = pivot[c]
 
 
-@njit(parallel=True, **JIT)
+# Inlined into their callers (inline="always"): a parallel function called from a parallel
+# kernel would be a thread-pool launch of its own, about a millisecond on 7x7 rows.
+@njit(parallel=True, inline="always", **JIT)
 def partial_sums_ncl(x, pivot, n_chunks):
     """Per-chunk ``(sum(x - pivot), sum((x - pivot)**2))`` of a contiguous ``(N, C, L)``
     array's ``N * C`` rows, cut into ``n_chunks`` chunks: a ``(n_chunks, 2, C)`` float64 array."""
@@ -242,7 +244,7 @@ def _affine_rows(x, start, stop, pivot, scale, shift, y):
             out[c] = (row[c] - pivot[c]) * scale[c] + shift[c]
 
 
-@njit(parallel=True, **JIT)
+@njit(parallel=True, inline="always", **JIT)
 def partial_sums_rows(x, pivot, n_chunks):
     """Per-chunk shifted sums, as :func:`partial_sums_ncl`, of channels-last ``(R, C)`` rows."""
     rows, channels = x.shape

@@ -16,7 +16,6 @@ needs ``TRITON_INTERPRET=1`` in the environment before the kernel modules are fi
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 import numpy as np
@@ -30,18 +29,24 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_ELEMENTS = 2**31 - 1  # the kernels index with int32 offsets
 
 
-@functools.cache
+_available: bool | None = None  # whether triton imports, once known
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it once instead of tracing it
 def available() -> bool:
     """Whether Triton can be imported (imported here, once per process).
 
     >>> isinstance(available(), bool)
     True
     """
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _available
+    if _available is None:
+        try:
+            import triton  # noqa: F401
+            _available = True
+        except ImportError:
+            _available = False
+    return _available
 
 
 def _kernels():
