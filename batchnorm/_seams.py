@@ -69,7 +69,9 @@ def _merge_across(group, x: Tensor, count: int, mean: Tensor,
 def _gather(group, local: Tensor) -> Tensor:
     """Every process's ``local`` (a vector of one size), one row each, in rank order."""
     rows = local.new_empty(dist.get_world_size(group) * local.numel())
-    dist.all_gather_into_tensor(rows, local, group=group)
+    # all_gather_single in torch >= 2.13, which deprecates all_gather_into_tensor
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(rows, local, group=group)
     return rows.view(-1, local.numel())
 
 
@@ -91,22 +93,25 @@ def backward(dy: Tensor, x: Tensor, y: Tensor | None, mean: Tensor, rstd: Tensor
              gain: Tensor | None, count: Tensor, need_dx: bool, need_dres: bool, backend: str,
              group) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """``(dx, sum(dz * x_hat), sum(dz), dres)``: the input gradient through the statistics of
-    the whole batch (``grad_sums``, summed across ``group``, then ``grad_input``), and this
-    process's own sums, which are its share of ``dweight`` and ``dbias``."""
+    the whole batch, and this process's own sums, which are its share of ``dweight`` and
+    ``dbias``. Across a group: ``grad_sums``, summed by every process (each joins the
+    ``all_reduce``, whatever gradients it needs itself), then ``grad_input``. Without one the
+    statistics are this batch's alone: the fused ``backward`` on the effective weight."""
+    if group is None:
+        dx, s1, s0, dres = call("backward")(dy, x, y, mean, rstd, gain, True, need_dx,
+                                            need_dres, backend)
+        return (dx if need_dx else None), s1, s0, (dres if need_dres else None)
     if x.numel() > 0:
         s0, s1 = call("grad_sums")(dy, x, y, mean, rstd, backend)
     else:
         s0 = s1 = mean.new_zeros(mean.shape)
-    if not (need_dx or need_dres):
-        return None, s1, s0, None
     sums = torch.cat([s0, s1]).double()
-    if group is not None:
-        dist.all_reduce(sums, group=group)
+    dist.all_reduce(sums, group=group)
+    if x.numel() == 0 or not (need_dx or need_dres):
+        empty = torch.empty_like(x) if x.numel() == 0 else None
+        return empty, s1, s0, (empty if need_dres else None)
     channels = mean.shape[0]
     mean_dz, mean_dz_x_hat = sums[:channels] / count, sums[channels:] / count
-    if x.numel() == 0:
-        empty = torch.empty_like(x)
-        return empty, s1, s0, (empty if need_dres else None)
     dx, dres = call("grad_input")(dy, x, y, mean, rstd, gain, mean_dz.to(mean.dtype),
                                   mean_dz_x_hat.to(mean.dtype), need_dres, backend)
     return dx, s1, s0, (dres if need_dres else None)

@@ -66,11 +66,9 @@ def _rank_job(rank: int, init: str, repeats: int, parts: list[str], rows: list, 
 def _runs(torch, dist, batchnorm, shape, memory_format, rank, parts) -> dict:
     local = (shape[0] // WORLD, *shape[1:])
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(local, generator=g)
-    if memory_format == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    dy = torch.randn(x.shape, generator=g)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    x = torch.randn(local, generator=g).contiguous(memory_format=fmt).requires_grad_()
+    dy = torch.randn(local, generator=g).contiguous(memory_format=fmt)  # as x's next layer
     channels = shape[1]
     plain = getattr(batchnorm, "BatchNorm2d" if len(shape) == 4 else "BatchNorm1d")(channels)
     sync = batchnorm.SyncBatchNorm(channels)
@@ -83,9 +81,11 @@ def _runs(torch, dist, batchnorm, shape, memory_format, rank, parts) -> dict:
     table = torch.zeros(2 * channels + 1, dtype=torch.float64)
     sums = torch.zeros(2 * channels, dtype=torch.float64)
 
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
     def collectives():
         for t in (header, table):
-            dist.all_gather_into_tensor(t.new_empty(WORLD * t.numel()), t)
+            gather(t.new_empty(WORLD * t.numel()), t)
         dist.all_reduce(sums)
 
     every = {"sync": lambda: step(sync), "plain": lambda: step(plain),

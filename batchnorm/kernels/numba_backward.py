@@ -256,7 +256,7 @@ def finish_grad_sums(partial, rstd, s_dz, s_dz_x_hat):
         s_dz_x_hat[c] = total[1, c] * np.float64(rstd[c])
 
 
-@njit(**JIT)
+@njit(parallel=True, **JIT)
 def grad_sums_ncl(dy, x, mean, rstd, s_dz, s_dz_x_hat, n_chunks):
     """Phase ``grad_sums`` on contiguous ``(N, C, L)`` arrays, streamed in ``n_chunks`` chunks.
 
@@ -270,7 +270,7 @@ def grad_sums_ncl(dy, x, mean, rstd, s_dz, s_dz_x_hat, n_chunks):
     finish_grad_sums(partial, rstd, s_dz, s_dz_x_hat)
 
 
-@njit(**JIT)
+@njit(parallel=True, **JIT)
 def grad_sums_rows(dy, x, mean, rstd, s_dz, s_dz_x_hat, n_chunks):
     """Phase ``grad_sums`` on channels-last ``(R, C)`` rows, streamed in ``n_chunks`` chunks."""
     partial = partial_grad_sums_rows(dy, x, mean.astype(np.float64), n_chunks)

@@ -326,7 +326,7 @@ def finish_moments(partial, pivot, m, mean, m2):
         m2[c] = v
 
 
-@njit(**JIT)
+@njit(parallel=True, **JIT)
 def stats_ncl(x, mean, m2, n_chunks):
     """Phase ``stats`` of a contiguous ``(N, C, L)`` array, streamed as in
     :func:`forward_train_ncl`; ``mean`` and ``m2`` are float64 ``(C,)`` outputs.
@@ -341,7 +341,7 @@ def stats_ncl(x, mean, m2, n_chunks):
                    m2)
 
 
-@njit(**JIT)
+@njit(parallel=True, **JIT)
 def stats_rows(x, mean, m2, n_chunks):
     """Phase ``stats`` of channels-last ``(R, C)`` rows, streamed as in
     :func:`forward_train_rows`.
