@@ -207,6 +207,17 @@ def versions() -> str:
             f"numpy {np.__version__}")
 
 
+def checkout(path: Path) -> str:
+    """A checkout's commit, as ``git`` names it (``"unknown"`` outside git), and whether its
+    working tree has changes."""
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit
+
+
 def _label(shape, memory_format) -> str:
     return "x".join(map(str, shape)) + ("" if len(shape) == 2 else f" {memory_format}")
 

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         "# CPU benchmark: Batch Renorm against plain BatchNorm, float32", "",
         f"- machine: {info['cpu']}, {info['cores']} CPUs",
         f"- versions: {cpu_benchmark.versions()}",
+        f"- this checkout: {cpu_benchmark.checkout(ROOT)}"
+        + (f"; baseline: {args.baseline} at {cpu_benchmark.checkout(args.baseline)}"
+           if args.baseline else ""),
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- command: `{' '.join(['python', 'benchmarks/renorm.py', *raw_args])}`",
         f"- {args.processes} fresh processes per checkout, alternating; in each, the median of "

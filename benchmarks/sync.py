@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"- machine: {info['cpu']}, {info['cores']} CPUs; each rank 1 thread",
         f"- versions: {cpu_benchmark.versions()}",
+        f"- this checkout: {cpu_benchmark.checkout(ROOT)}"
+        + (f"; baseline: {args.baseline} at {cpu_benchmark.checkout(args.baseline)}"
+           if args.baseline else ""),
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- command: `{' '.join(['python', 'benchmarks/sync.py', *raw_args])}`",
         f"- {args.processes} fresh jobs per checkout, alternating; in each, the median of "
