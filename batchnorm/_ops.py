@@ -11,18 +11,14 @@ of microseconds a call, as much as a small batch norm itself.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from batchnorm.kernels import (
+    as_ncl,  # noqa: F401  (used here and by the callers of _ops)
+    eager,
+)
 from batchnorm.kernels import backend as _backend
-from batchnorm.kernels import eager
-
-
-def as_ncl(t: Tensor) -> Tensor:
-    """The ``(N, C, L)`` view of a tensor whose layout is contiguous or channels-last."""
-    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
 def from_ncl(t3: Tensor, x: Tensor) -> Tensor:

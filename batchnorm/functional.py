@@ -8,15 +8,18 @@ autograd functions of ``batchnorm._autograd``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from batchnorm import _autograd, _ops
-from batchnorm.kernels import eager, resolve
+from batchnorm.kernels import CROSSOVER, eager, native, resolve
 
 ACTIVATIONS = (None, "relu")
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.3
 
 
 class ShapeError(ValueError, RuntimeError):
@@ -125,16 +128,27 @@ def batch_norm(
     if residual is not None:
         residual = _ops.like_layout(residual, x)
     relu = activation == "relu"
-    if getattr(torch.compiler, "is_exporting", lambda: False)():
+    if _is_exporting():
         return _traceable(x, running_mean, running_var, weight, bias, training, momentum, eps,
                           num_batches_tracked, relu, residual)
-    residual3 = None if residual is None else _ops.as_ncl(residual)
-    name = "eager" if x.numel() == 0 else resolve(backend, _ops.as_ncl(x), residual3, relu)
+    name = "eager" if x.numel() == 0 else resolve(backend, x, residual, relu, training)
+    seams = process_group is not None or r_max is not None or d_max is not None
+    if name == "native" and (
+            seams or torch._C._are_functorch_transforms_active()
+            or (momentum is None and training and torch.compiler.is_compiling())
+            or not _takes(x, weight, bias, running_mean, running_var)):
+        # The seams compose phases, which torch's op does not expose; inside torch.func
+        # transforms, torch's op cannot update unbatched running statistics in place; the
+        # cumulative average's factor would be read from the device, which a graph cannot.
+        name = "eager"
+    if name == "native":
+        return _native(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked, relu, residual)
     compiling = torch.compiler.is_compiling()  # the ops' twins without jvp, which dynamo traces
     if not training:
         op = _autograd.TracedEval if compiling else _autograd.BatchNormEval
         return op.apply(x, weight, bias, running_mean, running_var, residual, eps, relu, name)
-    if process_group is None and r_max is None and d_max is None:
+    if not seams:
         op = _autograd.TracedTrain if compiling else _autograd.BatchNormTrain
         y, mean, var, _ = op.apply(x, weight, bias, residual, eps, relu, name)
         m = x.numel() // x.shape[1]
@@ -152,6 +166,78 @@ def batch_norm(
         _ops.call("update_running_stats")(running_mean, running_var, num_batches_tracked, mean,
                                           var, m, momentum, updater)
     return y
+
+
+def _native(x, running_mean, running_var, weight, bias, training, momentum, eps, counter,
+            relu, residual) -> Tensor:
+    """The call on torch's own op (``batchnorm.kernels.native``): its autograd, its update of
+    the running statistics under the guard, the epilogue in torch ops."""
+    if not training:
+        y = native.infer(x, weight, bias, running_mean, running_var, eps)
+    else:
+        if momentum is None and running_mean is not None:  # the cumulative average, as torch
+            momentum = 1.0 / (int(counter) + 1)
+        y = native.train(x, weight, bias, running_mean, running_var, counter, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def _takes(x: Tensor, weight, bias, running_mean, running_var) -> bool:
+    """Whether torch's op takes these per-channel tensors with ``x``: one dtype among them all,
+    ``x``'s own or float32 beside a float16/bfloat16 ``x``."""
+    dtype = next((t.dtype for t in (weight, running_mean, bias, running_var) if t is not None),
+                 x.dtype)
+    if dtype != x.dtype and not (
+            dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    return ((weight is None or weight.dtype == dtype) and (bias is None or bias.dtype == dtype)
+            and (running_mean is None or running_mean.dtype == dtype)
+            and (running_var is None or running_var.dtype == dtype))
+
+
+def layer_call(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None, bias: Tensor | None, training: bool, momentum,
+               eps: float, counter: Tensor | None) -> Tensor | None:
+    """The call of a plain layer (no activation, residual or seam) whose input ``auto`` gives to
+    torch's own op, with only the checks that depend on the tensors; ``None`` when the call
+    needs ``batch_norm``'s full path (which then raises, where an argument is wrong).
+
+    A layer's own configuration (its ``num_features``, the rank of its input) is checked by
+    the layer; torch's op checks the shapes, dtypes and devices of the tensors before it
+    writes anything, and any error of it sends the call to the full path, whose checks name
+    the problem and the fix. What remains is the rest of this package's semantics: positive
+    ``eps`` and 2 values per channel in training, running statistics that can be written in
+    place, and a layout that the output keeps.
+    """
+    if (torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+            or _is_exporting() or torch._C._are_functorch_transforms_active()
+            or os.environ.get("BATCHNORM_BACKEND", "auto") not in ("auto", "native")
+            or not 0 < x.numel() < CROSSOVER["triton" if x.is_cuda else "numba", training]
+            or not (x.is_contiguous() or x.is_contiguous(memory_format=_CHANNELS_LAST.get(
+                x.dim(), torch.contiguous_format)))):
+        return None
+    shape = (x.shape[1],)  # torch's native_batch_norm reads per-channel tensors unchecked
+    if not ((weight is None or weight.shape == shape) and (bias is None or bias.shape == shape)
+            and (running_mean is None or running_mean.shape == shape)
+            and (running_var is None or running_var.shape == shape)):
+        return None
+    if training:
+        if not (type(eps) is float and eps > 0 and x.numel() >= 2 * x.shape[1]):
+            return None
+        if running_mean is not None and not (
+                type(momentum) is float and math.isfinite(momentum)
+                and not running_mean.requires_grad and not running_var.requires_grad
+                and not running_mean.is_inference() and not running_var.is_inference()
+                and 0 not in running_mean.stride() and 0 not in running_var.stride()):
+            return None
+    try:
+        if not training:  # native.infer, less the flag's Python property (dynamo's, not here)
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                    torch._C._get_cudnn_enabled())
+        return native.train(x, weight, bias, running_mean, running_var, counter, momentum, eps)
+    except RuntimeError:
+        return None
 
 
 def _traceable(x, running_mean, running_var, weight, bias, training, momentum, eps,

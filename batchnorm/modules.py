@@ -150,26 +150,24 @@ class _BatchNorm(_NormBase):
                           for chunk, res in zip(chunks, residual.split(k), strict=True)])
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        training, running_mean, running_var = self.training, self.running_mean, self.running_var
         # Batch statistics in training, and in inference when there are no running ones.
-        use_batch_stats = self.training or (self.running_mean is None
-                                            and self.running_var is None)
-        # Running statistics are read in inference and updated in training when tracked.
-        keep = not self.training or self.track_running_stats
-        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
-        return F.batch_norm(
-            input,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            num_batches_tracked=counter,
-            activation=self.activation,
-            residual=residual,
-            **(self._seams() if self.training else {}),
-        )
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = counter = None  # tracked: read in eval only
+        else:  # read in inference, updated in training
+            counter = self.num_batches_tracked if training else None
+        weight, bias = self.weight, self.bias
+        if residual is None and self.activation is None and type(self)._seams is _BatchNorm._seams:
+            # A plain layer's call, checked by the layer; small ones go to torch's op directly.
+            y = F.layer_call(input, running_mean, running_var, weight, bias, use_batch_stats,
+                             self.momentum, self.eps, counter)
+            if y is not None:
+                return y
+        return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
+                            self.momentum, self.eps, num_batches_tracked=counter,
+                            activation=self.activation, residual=residual,
+                            **(self._seams() if training else {}))
 
     def _seams(self) -> dict:
         """Keyword arguments of ``batch_norm`` that open its seams in training (the process

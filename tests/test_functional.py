@@ -53,8 +53,12 @@ def test_fused_relu_and_residual_gradients(training):
     assert torch.autograd.gradgradcheck(f, (x, weight, bias, residual))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["eager", "numba"])
 def test_large_mean_small_std_normalizes_accurately(backend):
+    # The shifted sums of this package's kernels; below the crossover ``auto`` runs torch's
+    # own op, whose numerics are torch.nn's (tests/test_native.py).
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
     g = torch.Generator().manual_seed(0)
     x = (1e4 + 1e-2 * torch.randn(32, 4, 64, generator=g, dtype=torch.float64)).float()
     y = batch_norm(x, None, None, training=True, backend=backend)

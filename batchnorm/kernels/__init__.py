@@ -27,6 +27,7 @@ which every other backend is tested against.
 name       module                                           runs
 =========  ===============================================  =================================
 eager      ``batchnorm.kernels.eager``                       torch ops, every device and dtype
+native     ``batchnorm.kernels.native``                      torch's own op, small inputs
 numba      ``batchnorm.kernels.numba_backend``               compiled CPU kernels
 triton     ``batchnorm.kernels.triton_backend``              fused GPU kernels
 =========  ===============================================  =================================
@@ -36,22 +37,34 @@ The compiled backends import their library (numba, Triton) only when a kernel fi
 
 from __future__ import annotations
 
+import math
 import os
 from types import ModuleType
 
 from torch import Tensor
 
-from batchnorm.kernels import eager, numba_backend, triton_backend
+from batchnorm.kernels import eager, native, numba_backend, triton_backend
 
-NAMES = ("auto", "eager", "numba", "triton")
+NAMES = ("auto", "eager", "native", "numba", "triton")
 PHASES = ("stats", "forward_eval", "grad_sums", "grad_input", "update_running_stats",
           "forward_train", "backward")
-_MODULES = {"eager": eager, "numba": numba_backend, "triton": triton_backend}
+_MODULES = {"eager": eager, "native": native, "numba": numba_backend, "triton": triton_backend}
 _EXTRAS = {"numba": "pip install numba", "triton": "pip install triton"}
+
+# Elements of the input from which ``auto`` takes the compiled kernels over torch's own op,
+# per (backend, training); below them torch's op is faster, the cost of a call deciding. The
+# CPU values are the crossovers that ``benchmarks/crossover.py`` measured (its table in
+# ``benchmarks/results/crossover.md``, a 2-core VM): the smallest size from which numba won in
+# both memory layouts. No GPU measurement exists yet: on CUDA, Triton is predicted to lose to
+# torch's cuDNN/native kernels until a call's bytes outweigh its host cost (about 450 us of
+# Python per training step was measured with the kernels stubbed out), so ``auto`` keeps
+# torch's op below these; see ``benchmarks/gpu.py`` to measure them.
+CROSSOVER = {("numba", True): 1 << 17, ("numba", False): 1 << 62,
+             ("triton", True): 1 << 24, ("triton", False): 1 << 62}
 
 
 def backend(name: str) -> ModuleType:
-    """The module of backend ``name`` (``"eager"``, ``"numba"`` or ``"triton"``).
+    """The module of backend ``name`` (``"eager"``, ``"native"``, ``"numba"`` or ``"triton"``).
 
     >>> backend("eager").__name__
     'batchnorm.kernels.eager'
@@ -59,37 +72,52 @@ def backend(name: str) -> ModuleType:
     return _MODULES[name]
 
 
-def resolve(requested: str | None, x3: Tensor, residual3: Tensor | None, relu: bool) -> str:
+def resolve(requested: str | None, x: Tensor, residual: Tensor | None, relu: bool,
+            training: bool = True) -> str:
     """The backend that runs a call: the argument, else ``$BATCHNORM_BACKEND``, else ``auto``.
 
     ``auto`` takes Triton for CUDA tensors and numba for CPU tensors when the library is
-    installed and the backend supports the call, and the eager torch ops otherwise. A backend
-    named explicitly must be able to run the call: no silent fallback.
+    installed, the backend supports the call and the input has ``CROSSOVER`` elements at
+    least; torch's own op (``"native"``) otherwise. A backend named explicitly must be able to
+    run the call: no silent fallback.
 
     >>> import torch
     >>> resolve("eager", torch.zeros(2, 3, 4), None, False)
     'eager'
+    >>> resolve("auto", torch.zeros(2, 3, 4), None, False)
+    'native'
     """
     name = requested if requested is not None else os.environ.get("BATCHNORM_BACKEND", "auto")
+    if name in ("eager", "native"):
+        return name
+    if name == "auto":
+        candidate = "triton" if x.is_cuda else "numba"
+        if x.numel() < CROSSOVER[candidate, training]:
+            return "native"
+        module = _MODULES[candidate]
+        if module.available() and module.supports(_ncl(x), _ncl(residual), relu):
+            return candidate
+        return "native"
     if name not in NAMES:
         raise ValueError(
             f"unknown batch-norm backend {name!r}; expected one of {', '.join(NAMES)} "
             "(set by the backend= argument or the BATCHNORM_BACKEND environment variable)")
-    if name == "eager":
-        return name
-    if name == "auto":
-        candidate = "triton" if x3.is_cuda else "numba"
-        module = backend(candidate)
-        if module.available() and module.supports(x3, residual3, relu):
-            return candidate
-        return "eager"
-    module = backend(name)
+    module = _MODULES[name]
     if not module.available():
         raise RuntimeError(
             f"batch-norm backend {name!r} was requested but cannot be imported; "
             f"install it ({_EXTRAS[name]}) or use backend='auto'")
-    if not module.supports(x3, residual3, relu):
+    if not module.supports(_ncl(x), _ncl(residual), relu):
         raise ValueError(
-            f"batch-norm backend {name!r} cannot run {x3.dtype} input on {x3.device} "
-            f"(residual={residual3 is not None}, relu={relu}); use backend='auto' or 'eager'")
+            f"batch-norm backend {name!r} cannot run {x.dtype} input on {x.device} "
+            f"(residual={residual is not None}, relu={relu}); use backend='auto' or 'eager'")
     return name
+
+
+def as_ncl(t: Tensor) -> Tensor:
+    """The ``(N, C, L)`` view of a tensor whose layout is contiguous or channels-last."""
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def _ncl(t: Tensor | None) -> Tensor | None:
+    return None if t is None else as_ncl(t)
