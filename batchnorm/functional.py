@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from batchnorm import _autograd, _ops
-from batchnorm.kernels import CROSSOVER, eager, native, resolve
+from batchnorm.kernels import crossover, eager, native, resolve
 
 ACTIVATIONS = (None, "relu")
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -66,8 +66,9 @@ def batch_norm(
       overflow) leaves ``running_mean``, ``running_var`` and ``num_batches_tracked`` unchanged,
       decided on the device without a host synchronization; the output still shows the
       non-finite values.
-    * float16/bfloat16 inputs accumulate statistics in float32; the batch is shifted by a
-      sample per channel first, so ``|mean| >> std`` keeps its precision.
+    * float16/bfloat16 inputs accumulate statistics in float32; the compiled and eager
+      backends shift the batch by a sample per channel first, so ``|mean| >> std`` keeps its
+      precision (below ``batchnorm.kernels.crossover`` ``auto`` runs torch's op instead).
     * A zero-size batch returns an empty output and leaves the statistics untouched (torch's
       modules count it in ``num_batches_tracked``).
     * ``process_group`` computes the statistics over the batch of every process of a
@@ -91,7 +92,8 @@ def batch_norm(
             into the running estimates. Default: ``None``.
         activation: ``"relu"`` to apply a ReLU to the result. Default: ``None``.
         residual: tensor of ``input``'s shape added before the activation. Default: ``None``.
-        backend: ``"auto"``, ``"eager"``, ``"numba"`` or ``"triton"``; ``None`` reads
+        backend: ``"auto"``, ``"native"`` (torch's op), ``"eager"``, ``"numba"`` or
+            ``"triton"``; ``None`` reads
             ``$BATCHNORM_BACKEND`` (default ``auto``). Default: ``None``.
         process_group: in training, merge the statistics (and the gradient sums) over the
             processes of this ``torch.distributed`` group; ``None`` for none. Default: ``None``.
@@ -213,7 +215,7 @@ def layer_call(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     if (torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
             or _is_exporting() or torch._C._are_functorch_transforms_active()
             or os.environ.get("BATCHNORM_BACKEND", "auto") not in ("auto", "native")
-            or not 0 < x.numel() < CROSSOVER["triton" if x.is_cuda else "numba", training]
+            or not 0 < x.numel() < crossover(x, training)
             or not (x.is_contiguous() or x.is_contiguous(memory_format=_CHANNELS_LAST.get(
                 x.dim(), torch.contiguous_format)))):
         return None

@@ -4,11 +4,13 @@
 (``batchnorm.kernels.CROSSOVER``). This times both through ``batchnorm.BatchNorm2d`` with
 ``$BATCHNORM_BACKEND`` forcing each, in interleaved rounds: training forward + backward (the
 gradients of input, weight and bias) and inference forward, float32, both memory layouts,
-``N = 16`` and ``C`` of 64 and 256 with square ``H = W`` from 1 to 64, in ``--processes``
-fresh processes (medians of medians). The crossover of a mode is the smallest size from which
-numba was at least as fast in every case of that size and every larger one.
+``N = 16`` and ``C`` of 64 and 256 with square ``H = W`` from 1 to 128 (up to 16M elements),
+and ``BatchNorm1d(1024)`` on ``(N, 1024)``, in ``--processes`` fresh processes (medians of
+medians). The crossover of a mode and a layout class (channel dim outermost within a sample,
+as NCHW; or innermost, as channels-last and ``(N, C)``) is the smallest size from which numba
+was at least as fast in every case of that size and every larger one.
 
-Run from the repository root (about a minute per process on 2 cores)::
+Run from the repository root (about two minutes per process on 2 cores)::
 
     python benchmarks/crossover.py               # writes benchmarks/results/crossover.md
 """
@@ -27,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [(16, c, hw, hw) for c in (64, 256) for hw in (1, 2, 4, 8, 16, 32, 64)
-         if c * hw * hw * 16 <= 1 << 22]
+CASES = [(16, c, hw, hw) for c in (64, 256) for hw in (1, 2, 4, 8, 16, 32, 64, 128)
+         if c * hw * hw * 16 <= 1 << 24]
+FLAT = [(n, 1024) for n in (16, 64, 256, 1024, 4096, 16384)]  # BatchNorm1d on (N, C)
 LAYOUTS = ("nchw", "channels_last")
 MODES = ("train", "eval")
 BACKENDS = ("native", "numba")
@@ -42,7 +45,8 @@ def _case(shape, layout: str, mode: str, repeats: int) -> dict:
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(mode == "train")
     dy = torch.randn(shape).contiguous(memory_format=fmt)
-    layer = batchnorm.BatchNorm2d(shape[1]).train(mode == "train")
+    layer = (batchnorm.BatchNorm2d if len(shape) == 4 else batchnorm.BatchNorm1d)(shape[1])
+    layer.train(mode == "train")
 
     def call():
         if mode == "train":
@@ -64,14 +68,22 @@ def _case(shape, layout: str, mode: str, repeats: int) -> dict:
 def measure(repeats: int) -> list[dict]:
     return [{"shape": shape, "layout": layout, "mode": mode,
              **_case(shape, layout, mode, repeats)}
-            for mode in MODES for shape in CASES for layout in LAYOUTS]
+            for mode in MODES
+            for shape, layout in [(s, la) for s in CASES for la in LAYOUTS]
+            + [(s, "channel-innermost (N, C)") for s in FLAT]]
 
 
-def crossover(rows: list[dict], mode: str) -> int | None:
+def kind(row: dict) -> str:
+    """The layout class of ``batchnorm.kernels.CROSSOVER``: where the channel dim lies."""
+    return "contiguous" if row["layout"] == "nchw" else "channels_last"
+
+
+def crossover(rows: list[dict], mode: str, layout: str) -> int | None:
     """The smallest numel from which numba wins every case of that size and above."""
-    sizes = sorted({int(np.prod(r["shape"])) for r in rows if r["mode"] == mode})
-    wins = {n: all(r["numba"] <= r["native"] for r in rows
-                   if r["mode"] == mode and int(np.prod(r["shape"])) == n) for n in sizes}
+    rows = [r for r in rows if r["mode"] == mode and kind(r) == layout]
+    sizes = sorted({int(np.prod(r["shape"])) for r in rows})
+    wins = {n: all(r["numba"] <= r["native"] for r in rows if int(np.prod(r["shape"])) == n)
+            for n in sizes}
     for k, n in enumerate(sizes):
         if all(wins[m] for m in sizes[k:]):
             return n
@@ -119,9 +131,13 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['numba']:.1f} | {r['native'] / r['numba']:.2f}x |")
     lines.append("")
     for mode in MODES:
-        n = crossover(rows, mode)
-        lines.append(f"- {mode}: numba wins from {n} elements on" if n is not None else
-                     f"- {mode}: numba does not win at every size up to the largest measured")
+        for layout in ("contiguous", "channels_last"):
+            n = crossover(rows, mode, layout)
+            where = f"{mode}, {layout} (channels-last and (N, C) input)" \
+                if layout == "channels_last" else f"{mode}, {layout}"
+            lines.append(f"- {where}: numba wins from {n} elements on" if n is not None else
+                         f"- {where}: numba does not win at every size up to the largest "
+                         "measured")
     lines.append("")
     text = "\n".join(lines)
     print(text)

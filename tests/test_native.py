@@ -27,8 +27,13 @@ def test_auto_takes_torchs_op_below_the_crossover_only():
     assert resolve("auto", small, None, False, True) == "native"
     assert resolve("auto", small, None, False, False) == "native"
     if batchnorm.kernels.backend("numba").available():
-        side = int((CROSSOVER["numba", True] / 8) ** 0.5) + 1
-        assert resolve("auto", torch.zeros(2, 4, side, side), None, False, True) == "numba"
+        side = int((CROSSOVER["numba", True, "contiguous"] / 8) ** 0.5) + 1
+        big = torch.zeros(2, 4, side, side)
+        assert resolve("auto", big, None, False, True) == "numba"
+        channels_last = big.contiguous(memory_format=torch.channels_last)
+        below = CROSSOVER["numba", True, "channels_last"] > big.numel()
+        assert resolve("auto", channels_last, None, False, True) == ("native" if below
+                                                                     else "numba")
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 4, 5, 2), (2, 3, 2, 3, 2)])

@@ -52,15 +52,35 @@ _MODULES = {"eager": eager, "native": native, "numba": numba_backend, "triton": 
 _EXTRAS = {"numba": "pip install numba", "triton": "pip install triton"}
 
 # Elements of the input from which ``auto`` takes the compiled kernels over torch's own op,
-# per (backend, training); below them torch's op is faster, the cost of a call deciding. The
-# CPU values are the crossovers that ``benchmarks/crossover.py`` measured (its table in
-# ``benchmarks/results/crossover.md``, a 2-core VM): the smallest size from which numba won in
-# both memory layouts. No GPU measurement exists yet: on CUDA, Triton is predicted to lose to
-# torch's cuDNN/native kernels until a call's bytes outweigh its host cost (about 450 us of
-# Python per training step was measured with the kernels stubbed out), so ``auto`` keeps
-# torch's op below these; see ``benchmarks/gpu.py`` to measure them.
-CROSSOVER = {("numba", True): 1 << 17, ("numba", False): 1 << 62,
-             ("triton", True): 1 << 24, ("triton", False): 1 << 62}
+# per (backend, training, layout class); below them torch's op is faster, the cost of a call
+# deciding. The layout class is where the channel dim lies: ``"contiguous"`` (outermost within
+# a sample, as NCHW) or ``"channels_last"`` (innermost: channels-last and ``(N, C)`` input).
+# The CPU values are the crossovers that ``benchmarks/crossover.py`` measured on a 2-core VM
+# (``benchmarks/results/crossover.md``): the smallest size from which numba won every case of
+# that size and every larger one. In inference torch's op wins up to 4M elements and numba
+# from the next size measured, 16M, where torch's fresh outputs start to fault in new pages.
+# No GPU measurement exists yet: on CUDA about 450 us of host time per training step was
+# measured for the Triton path with its kernels stubbed out, so it is predicted to lose to
+# torch's cuDNN/native kernels below about 100 MB a call; ``benchmarks/gpu.py`` measures.
+CROSSOVER = {
+    ("numba", True, "contiguous"): 1 << 20, ("numba", True, "channels_last"): 1 << 22,
+    ("numba", False, "contiguous"): 1 << 24, ("numba", False, "channels_last"): 1 << 24,
+    ("triton", True, "contiguous"): 1 << 25, ("triton", True, "channels_last"): 1 << 25,
+    ("triton", False, "contiguous"): 1 << 25, ("triton", False, "channels_last"): 1 << 25,
+}
+
+
+def crossover(x: Tensor, training: bool) -> int:
+    """The size from which ``auto`` runs a compiled kernel on a call like ``x``: ``CROSSOVER``
+    of the backend of ``x``'s device, the mode and the layout class of ``x`` (canonical:
+    contiguous or channels-last).
+
+    >>> import torch
+    >>> crossover(torch.zeros(2, 3, 4), True) == CROSSOVER["numba", True, "contiguous"]
+    True
+    """
+    layout = "contiguous" if x.dim() > 2 and x.is_contiguous() else "channels_last"
+    return CROSSOVER["triton" if x.is_cuda else "numba", training, layout]
 
 
 def backend(name: str) -> ModuleType:
@@ -77,9 +97,9 @@ def resolve(requested: str | None, x: Tensor, residual: Tensor | None, relu: boo
     """The backend that runs a call: the argument, else ``$BATCHNORM_BACKEND``, else ``auto``.
 
     ``auto`` takes Triton for CUDA tensors and numba for CPU tensors when the library is
-    installed, the backend supports the call and the input has ``CROSSOVER`` elements at
-    least; torch's own op (``"native"``) otherwise. A backend named explicitly must be able to
-    run the call: no silent fallback.
+    installed, the backend supports the call and the input has ``crossover(x, training)``
+    elements at least; torch's own op (``"native"``) otherwise. A backend named explicitly
+    must be able to run the call: no silent fallback.
 
     >>> import torch
     >>> resolve("eager", torch.zeros(2, 3, 4), None, False)
@@ -92,7 +112,7 @@ def resolve(requested: str | None, x: Tensor, residual: Tensor | None, relu: boo
         return name
     if name == "auto":
         candidate = "triton" if x.is_cuda else "numba"
-        if x.numel() < CROSSOVER[candidate, training]:
+        if x.numel() < crossover(x, training):
             return "native"
         module = _MODULES[candidate]
         if module.available() and module.supports(_ncl(x), _ncl(residual), relu):
