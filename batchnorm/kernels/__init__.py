@@ -125,8 +125,9 @@ def resolve(requested: str | None, x: Tensor, residual: Tensor | None, relu: boo
     module = _MODULES[name]
     if not module.available():
         raise RuntimeError(
-            f"batch-norm backend {name!r} was requested but cannot be imported; "
-            f"install it ({_EXTRAS[name]}) or use backend='auto'")
+            f"batch-norm backend {name!r} was requested but cannot run: "
+            + (module.why_unavailable() if hasattr(module, "why_unavailable") else
+               f"it cannot be imported; install it ({_EXTRAS[name]}) or use backend='auto'"))
     if not module.supports(_ncl(x), _ncl(residual), relu):
         raise ValueError(
             f"batch-norm backend {name!r} cannot run {x.dtype} input on {x.device} "

@@ -28,6 +28,9 @@ epilogue are refused by ``supports()`` and stay on the eager path.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -85,11 +88,18 @@ DEFAULT = Config()
 
 
 _available: bool | None = None  # whether numba imports, once known
+_forked = False  # whether this process was forked from one whose OpenMP threads had started
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once instead of tracing it
 def available() -> bool:
-    """Whether numba can be imported (once per process; this is where numba gets imported).
+    """Whether numba can be imported and its parallel kernels run in this process (once per
+    process; this is where numba gets imported).
+
+    They cannot in a process forked after its parent ran them on GNU OpenMP (numba's ``omp``
+    threading layer, the usual one on Linux), which aborts the child ("fork() called from a
+    process already using GNU OpenMP"): a ``DataLoader`` worker, say. There ``auto`` takes
+    torch's own op, and asking for numba raises with ``why_unavailable()``.
 
     >>> isinstance(available(), bool)
     True
@@ -101,7 +111,39 @@ def available() -> bool:
             _available = True
         except ImportError:
             _available = False
-    return _available
+    return _available and not _forked
+
+
+def why_unavailable() -> str:
+    """What stops this backend here, and the fix; for the error of an explicit request."""
+    if _forked:
+        return ("this process was forked from one that had run numba's kernels on GNU "
+                "OpenMP, which cannot run in a forked child; start workers with the 'spawn' or "
+                "'forkserver' method (e.g. DataLoader(multiprocessing_context='spawn')), or "
+                "use backend='auto', which takes torch's own op here")
+    return "numba cannot be imported; install it (pip install numba) or use backend='auto'"
+
+
+def _threading_layer() -> str | None:
+    """The threading layer numba started, or ``None`` before its first parallel kernel."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return None
+    try:
+        return numba.threading_layer()
+    except ValueError:  # not started yet
+        return None
+
+
+def _after_fork_in_child() -> None:
+    global _forked, _launching, _serial
+    _launching = threading.Lock()  # another thread may have held it at the fork
+    _serial = None
+    if _threading_layer() == "omp":
+        _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def loop_order(x3: Tensor) -> str | None:
@@ -155,20 +197,44 @@ def _kernel(name: str):
     return getattr(numba_backward if backward else numba_forward, name)
 
 
-@contextlib.contextmanager
-def _threads_for(numel: int):
-    """numba's thread count for a kernel on ``numel`` elements: all, or one when small."""
-    if numel >= DEFAULT.parallel_min_numel or not available():
-        yield
-        return
-    import numba
+_launching = threading.Lock()
+_serial: bool | None = None  # whether launches must not overlap; known after the first one
 
-    previous = numba.get_num_threads()  # per calling thread; restored even if the kernel fails
-    numba.set_num_threads(1)
+
+@contextlib.contextmanager
+def _launch(numel: int):
+    """Around every parallel kernel: numba's thread count for ``numel`` elements (all, or one
+    when small), and launches one at a time where the threading layer cannot take concurrent
+    ones (``workqueue``, numba's fallback without TBB or OpenMP, aborts the process when two
+    Python threads launch at once; the others take them concurrently)."""
+    if _forked:
+        raise RuntimeError(f"the numba backend cannot run here: {why_unavailable()}")
+    serial = _serial is not False
+    if serial:
+        _launching.acquire()
     try:
-        yield
+        if numel >= DEFAULT.parallel_min_numel:
+            yield
+        else:
+            import numba
+
+            previous = numba.get_num_threads()  # per calling thread; restored on failure too
+            numba.set_num_threads(1)
+            try:
+                yield
+            finally:
+                numba.set_num_threads(previous)
     finally:
-        numba.set_num_threads(previous)
+        if serial:
+            _launching.release()
+            _settle_serial()
+
+
+def _settle_serial() -> None:
+    global _serial
+    layer = _threading_layer()
+    if layer is not None:
+        _serial = layer == "workqueue"
 
 
 def row_chunks(rows: int, per_channel: int, config: Config | None = None) -> int:
@@ -285,7 +351,7 @@ def stats(x3: Tensor) -> tuple[int, Tensor, Tensor]:
     mean, m2 = (torch.empty(channels, dtype=torch.float64) for _ in range(2))
     n, _, length = x3.shape
     rows = n * channels if kind == NCL else n * length
-    with _threads_for(x3.numel()):
+    with _launch(x3.numel()):
         _kernel("stats_" + kind)(_array(x3, kind), mean.numpy(), m2.numpy(),
                                  row_chunks(rows, n * length))
     return n * length, mean, m2
@@ -317,7 +383,7 @@ def forward_train(
     args = [_array(x3, kind), _per_channel(weight, channels, 1.0),
             _per_channel(bias, channels, 0.0), float(eps), _array(y3, kind),
             mean.numpy(), rstd.numpy(), var.numpy(), split]
-    with _threads_for(x3.numel()):
+    with _launch(x3.numel()):
         _kernel("forward_train_" + order)(*args)
     return y3, mean, rstd, var
 
@@ -342,7 +408,7 @@ def forward_eval(
     channels = x3.shape[1]
     args = (_per_channel(center, channels, 0.0, dtype), _per_channel(scale, channels, 1.0, dtype),
             _per_channel(shift, channels, 0.0, dtype))
-    with _threads_for(x3.numel()):
+    with _launch(x3.numel()):
         _kernel("forward_eval_" + kind)(_array(x3, kind), *args, _array(y3, kind))
     return y3
 
@@ -368,7 +434,7 @@ def grad_sums(dy3: Tensor, x3: Tensor, y3: Tensor | None, mean: Tensor,
     s_dz, s_dz_x_hat = np.empty(channels), np.empty(channels)
     n, _, length = x3.shape
     rows = n * channels if kind == NCL else n * length
-    with _threads_for(x3.numel()):
+    with _launch(x3.numel()):
         _kernel("grad_sums_" + kind)(
             _array(dy3.to(x3.dtype), kind), _array(x3, kind), _per_channel(mean, channels, 0.0),
             _per_channel(rstd, channels, 1.0), s_dz, s_dz_x_hat, row_chunks(rows, n * length))
@@ -399,7 +465,7 @@ def grad_input(
     coef = torch.stack([mean.detach().double(), a, b, c0]).to(x3.dtype).numpy()
     dx3 = _empty(x3, kind)
     n, _, length = x3.shape
-    with _threads_for(x3.numel()):
+    with _launch(x3.numel()):
         if kind == NCL:
             _kernel("grad_input_ncl")(_array(dy3.to(x3.dtype), kind), _array(x3, kind), coef,
                                       _array(dx3, kind))
@@ -441,7 +507,7 @@ def backward(
             rstd.detach().contiguous().numpy(), _per_channel(weight, channels, 1.0),
             bool(training), bool(need_dx), dx, dweight.numpy(), dbias.numpy()]
     order, split = plan(x3, kind)
-    with _threads_for(x3.numel()):
+    with _launch(x3.numel()):
         _kernel("backward_" + order)(*args, split)
     return dx3, dweight, dbias, None
 
