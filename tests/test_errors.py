@@ -165,3 +165,56 @@ def test_unsupported_forced_backend_is_an_error_not_a_fallback():
 def test_num_features_must_be_positive():
     with pytest.raises(ValueError, match="num_features must be a positive int, got 0"):
         batchnorm.BatchNorm2d(0)
+
+
+def _refused(kind: str, layer) -> None:
+    if kind == "expanded":
+        layer.running_mean = torch.zeros(1).expand(3)
+    elif kind == "requires-grad":
+        layer.running_var = torch.ones(3, requires_grad=True)
+    else:
+        with torch.inference_mode():
+            layer.running_mean = torch.zeros(3)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "eager", "numba"])
+@pytest.mark.parametrize("kind", ["expanded", "requires-grad", "inference-mode"])
+def test_a_refused_running_statistic_moves_nothing_on_any_backend(backend, kind, monkeypatch):
+    """The checks run before the backend is chosen: every backend refuses alike, and the
+    counter stays where it was."""
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    monkeypatch.setenv("BATCHNORM_BACKEND", backend)
+    layer = batchnorm.BatchNorm1d(3)
+    layer.num_batches_tracked.fill_(5)
+    _refused(kind, layer)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="expanded|requires grad|inference_mode"):
+        layer(torch.randn(8, 3))
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("backend", ["native", "eager", "numba"])
+def test_a_tensor_momentum_is_a_number_on_every_backend(backend, monkeypatch):
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    monkeypatch.setenv("BATCHNORM_BACKEND", backend)
+    layer = batchnorm.BatchNorm1d(3, momentum=0.25)
+    x = torch.randn(8, 3)
+    layer.momentum = torch.tensor(0.25)
+    layer(x)
+    torch.testing.assert_close(layer.running_mean, 0.25 * x.mean(0))
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("backend", ["native", "eager", "numba"])
+def test_jit_trace_records_torchs_ops_whatever_the_backend(backend, monkeypatch):
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    monkeypatch.setenv("BATCHNORM_BACKEND", backend)
+    x = torch.randn(4, 3, 5, 5)
+    traced = torch.jit.trace(batchnorm.BatchNorm2d(3), x)
+    x2 = torch.randn(4, 3, 5, 5) * 3
+    torch.testing.assert_close(traced(x2), torch.nn.functional.batch_norm(
+        x2, None, None, training=True), atol=1e-5, rtol=1e-5)
