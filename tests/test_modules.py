@@ -60,7 +60,10 @@ def _pair(case: Case):
     if not case.bias:
         kwargs["bias"] = False
     ours = getattr(batchnorm, case.cls)(case.shape[1], **kwargs)
-    theirs = getattr(torch.nn, case.cls)(case.shape[1], **kwargs)
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
+    theirs = getattr(torch.nn, case.cls)(case.shape[1], **torch_kwargs)
+    if not case.bias:  # torch's own bias=False came after 2.11: drop the parameter
+        theirs.register_parameter("bias", None)
     if case.affine:  # non-trivial parameters: ones and zeros can hide a wrong backward
         with torch.no_grad():
             g = torch.Generator().manual_seed(1)

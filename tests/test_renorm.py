@@ -47,7 +47,10 @@ def _layers(case: Case, **bounds):
     if not case.bias:
         kwargs["bias"] = False
     ours = getattr(renorm, f"BatchRenorm{case.rank}d")(case.shape[1], **kwargs, **bounds)
-    theirs = getattr(torch.nn, f"BatchNorm{case.rank}d")(case.shape[1], **kwargs)
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
+    theirs = getattr(torch.nn, f"BatchNorm{case.rank}d")(case.shape[1], **torch_kwargs)
+    if not case.bias:  # torch's own bias=False came after 2.11: drop the parameter
+        theirs.register_parameter("bias", None)
     if case.affine:  # non-trivial parameters: ones and zeros can hide a wrong backward
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
