@@ -16,6 +16,8 @@ for ``ConvTranspose*d`` the weight is ``(in, out / groups, *kernel)`` and output
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from collections import Counter
 
 import torch
@@ -29,9 +31,10 @@ from batchnorm.kernels import eager
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d,
            nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _LAYER_NAMES = "Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear"
+_log = logging.getLogger("batchnorm")
 
 
-def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def fold(model: nn.Module, *, inplace: bool = False, strict: bool = False) -> nn.Module:
     """Fold every inference-mode batch norm of ``model`` into the layer right before it.
 
     A batch-norm layer (``BatchNorm1d/2d/3d``, torch's or this package's, ``SyncBatchNorm``,
@@ -51,9 +54,16 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     float64 and stored in the layer's dtype. Outputs in ``eval()`` are unchanged up to
     rounding. BN layers that ``forward`` never calls are left alone.
 
+    A BN that does not directly follow such a layer (after a concatenation, as in DenseNet,
+    or after an activation) stays as it is, in inference mode, and the model still computes
+    the same; a warning names how many were left and the log (logger ``"batchnorm"``, level
+    INFO) names each with the reason. ``strict=True`` makes that an error instead.
+
     Args:
         model: the model, with its batch-norm layers in inference mode (``model.eval()``).
         inplace: change ``model`` itself instead of a deep copy (keyword only).
+            Default: ``False``.
+        strict: raise instead of leaving a BN that cannot be folded (keyword only).
             Default: ``False``.
 
     Returns:
@@ -61,8 +71,9 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Raises:
         ValueError: a BN layer is in training mode, has no running statistics
-            (``track_running_stats=False``), does not directly follow a foldable layer, or
-            has a channel count other than that layer's outputs. Nothing is changed.
+            (``track_running_stats=False``), has a channel count other than the outputs of
+            the layer before it, or (``strict=True``) does not directly follow a foldable
+            layer. Nothing is changed.
 
     Example::
 
@@ -85,12 +96,13 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, module in modules.items():
         if kinds.is_batch_norm(module):
             _check_inference(name, module)
-    if unpaired:
+    if unpaired and strict:
         name, reason = next(iter(unpaired.items()))
         raise ValueError(
             f"cannot fold batch-norm layer {name!r}: {reason}; fold needs each BN directly "
             f"after a {_LAYER_NAMES} whose output goes nowhere else ({len(unpaired)} such "
-            f"layer(s): {', '.join(unpaired)})")
+            f"layer(s): {', '.join(unpaired)}); strict=False folds the others and leaves "
+            "these")
     for bn_name, layer_name in pairs.items():
         _check_channels(bn_name, modules[bn_name], layer_name, modules[layer_name])
     if not inplace:
@@ -100,6 +112,15 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         _fold_into(modules[layer_name], modules[bn_name])
         parent, _, leaf = bn_name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, _remainder(modules[bn_name]))
+    _log.info("fold: %d batch-norm layer(s) folded", len(pairs))
+    for name, reason in unpaired.items():
+        _log.info("fold: left %r: %s", name, reason)
+    if unpaired:
+        shown = ", ".join(list(unpaired)[:3]) + (", ..." if len(unpaired) > 3 else "")
+        warnings.warn(f"fold folded {len(pairs)} batch-norm layer(s) and left {len(unpaired)} "
+                      f"that do not directly follow a {_LAYER_NAMES} ({shown}; the "
+                      "'batchnorm' logger at INFO says why for each); they still normalize, "
+                      "in eval. Pass strict=True to make this an error", stacklevel=2)
     return model
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from batchnorm import functional as F
 from batchnorm.fused import _Act
+from batchnorm.modules import fx_leaf
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -39,6 +40,8 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf(self, input)
         return self._forward(input, None)
 
     def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import functional as F
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, fx_leaf
 
 
 class Epilogue(nn.Module):
@@ -75,6 +75,8 @@ class _Act:
         _set_tail(self, activation, drop)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy) or isinstance(residual, torch.fx.Proxy):
+            return fx_leaf(self, input, residual)
         return self.act(self.drop(self._forward(input, residual)))
 
     def epilogue(self) -> Epilogue:

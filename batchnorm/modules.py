@@ -112,12 +112,27 @@ class _NormBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
+def fx_leaf(module: nn.Module, *args):
+    """The call of ``module`` under ``torch.fx`` symbolic tracing: one ``call_module`` node, as
+    the tracer makes of torch.nn's own layers, so that a traced graph (and torchvision's
+    ``create_feature_extractor``) runs the layer itself, with its semantics and its training
+    flag at run time, instead of tracing into its checks."""
+    proxy = next(a for a in args if isinstance(a, torch.fx.Proxy))
+    tracer = proxy.tracer
+    if module is tracer.root:
+        raise TypeError(f"torch.fx cannot trace a lone {type(module).__name__}: its call is "
+                        "a leaf of the graph of a model that holds it; trace that model")
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
 class _BatchNorm(_NormBase):
     """Chooses the statistics of a forward the way torch does, then normalizes."""
 
     activation: str | None = None  # applied after normalizing, fused; set by BatchNormAct*d
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf(self, input)
         return self._forward(input, None)
 
     def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:

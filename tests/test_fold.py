@@ -146,7 +146,7 @@ def test_without_a_graph_sequential_children_still_fold():
     inner = nn.Sequential(nn.Conv2d(2, 4, 1), _bn("ours", 4, 2), nn.Conv2d(4, 4, 1))
     model = Untraceable(inner).double().eval()
     with pytest.raises(ValueError, match="torch.fx cannot trace the model"):
-        fold(model)  # the outer BN follows a Sequential, not a conv
+        fold(model, strict=True)  # the outer BN follows a Sequential, not a conv
     model.bn = nn.Identity()
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
     folded = fold(model)
@@ -187,9 +187,22 @@ def test_refusals_name_the_problem_and_change_nothing(build, match):
     model = build().eval()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=match):
-        fold(model, inplace=True)
+        fold(model, inplace=True, strict=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("build", [e[1] for e in ERRORS[:4]], ids=[e[0] for e in ERRORS[:4]])
+def test_by_default_what_cannot_fold_is_left_and_named(build, caplog):
+    model = build().eval()
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    with caplog.at_level("INFO", logger="batchnorm"), \
+            pytest.warns(UserWarning, match=r"folded 0 batch-norm layer\(s\) and left 1"):
+        folded = fold(model)
+    assert "fold: left" in caplog.text
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), expected)
 
 
 def test_training_mode_is_refused():

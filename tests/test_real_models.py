@@ -238,3 +238,60 @@ def test_fold_keeps_a_fused_relu():
         y = folded(x)
         assert (y >= 0).all()
         assert_close(y, model(x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fx_symbolic_trace_of_a_converted_model_runs_as_the_original(name):
+    """Our layers are call_module leaves of the graph, as torch.nn's are, so the traced
+    module follows train()/eval() at run time."""
+    theirs = _model(name)
+    ours = batchnorm.convert(copy.deepcopy(theirs))
+    traced = torch.fx.symbolic_trace(ours)
+    leaves = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    assert {k for k, m in ours.named_modules() if isinstance(m, batchnorm.BatchNorm2d)} <= leaves
+    x, _ = _batch(0)
+    for mode in ("train", "eval"):
+        getattr(theirs, mode)()
+        getattr(traced, mode)()
+        torch.manual_seed(0)  # the same dropout masks for both
+        expected = theirs(x)
+        torch.manual_seed(0)
+        assert_close(traced(x), expected, msg=mode)
+    for (key, value), reference in zip(ours.state_dict().items(), theirs.state_dict().values(),
+                                       strict=True):
+        assert_close(value.double(), reference.double(), msg=key)
+
+
+def test_create_feature_extractor_of_a_converted_backbone():
+    tv = vision_models.torchvision()
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    theirs = _model("resnet18").eval()
+    ours = batchnorm.convert(copy.deepcopy(theirs))
+    nodes = ["layer1.0.bn1", "layer4"]
+    x, _ = _batch(1)
+    got = create_feature_extractor(ours, return_nodes=nodes)(x)
+    expected = create_feature_extractor(theirs, return_nodes=nodes)(x)
+    assert tv is not None and set(got) == set(nodes)
+    for node in nodes:
+        assert_close(got[node], expected[node], msg=node)
+
+
+def test_fold_of_densenet_folds_what_follows_a_conv_and_leaves_the_rest():
+    """DenseNet's first norm of each dense layer and its transitions follow concatenations;
+    the stem's norm0 and each layer's norm2 (after conv1) fold."""
+    tv = vision_models.torchvision()
+    torch.manual_seed(0)
+    model = tv.models.densenet121(num_classes=10).double().eval()
+    with torch.no_grad():  # non-trivial statistics, so that a wrong fold shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+    with pytest.warns(UserWarning, match=r"folded 59 batch-norm layer\(s\) and left 62"):
+        folded = batchnorm.fold(model)
+    assert isinstance(folded.features.norm0, torch.nn.Identity)
+    assert isinstance(folded.features.denseblock1.denselayer1.norm2, torch.nn.Identity)
+    assert isinstance(folded.features.denseblock1.denselayer1.norm1, torch.nn.BatchNorm2d)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    assert_close(folded(x), model(x))
