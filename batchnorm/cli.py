@@ -1,15 +1,18 @@
 """The ``batchnorm`` command: ``reproduce`` the experiments on MNIST and rebuild their ``report``.
 
 Exit status: 0 on success, 1 when the data or saved results are missing or corrupt, 2 for a
-usage error (unknown experiment, bad ``--set``, an unavailable device), 130 when interrupted
-(finished training runs are kept; the same command resumes).
+usage error (unknown experiment, a ``--set`` value of the wrong type or out of range, an
+unavailable device, an ``--out`` that cannot be written), 130 when interrupted (finished training
+runs are kept; the same command resumes). Usage errors are found before any data is read.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,22 +89,27 @@ def _reproduce(args: argparse.Namespace, argv: list[str]) -> int:
         configs = {name: config.resolve(module.Config, module.QUICK if args.quick else None,
                                         overrides[name])
                    for name, module in modules.items()}
-        for name, module in modules.items():
-            if hasattr(module, "validate"):
-                module.validate(configs[name])
+        _check_settings(modules, configs)
     except (config.ConfigError, TypeError, ValueError) as error:
         return _fail(str(error), 2)
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: no CUDA device is available to torch; use --device cpu", 2)
+    out = Path(args.out)
+    problem = _unwritable(out, names)
+    if problem:
+        return _fail(problem, 2)
     console = runner.Console(quiet=args.quiet)
     try:
         mnist = load_mnist(args.data_dir, download=not args.no_download, progress=not args.quiet)
     except (MnistError, MnistNotFoundError) as error:
         return _fail(str(error), 1)
+    try:  # counts of training images, against the set just loaded
+        _check_settings(modules, configs, mnist.n_train)
+    except config.ConfigError as error:
+        return _fail(str(error), 2)
     console.log(f"MNIST from {mnist.directory}: {mnist.note}")
     device = torch.device(args.device)
     data = to_tensors(mnist, device, args.seed)
-    out = Path(args.out)
     for name, module in modules.items():
         started = time.perf_counter()
         ctx = runner.Context(name, configs[name], mnist, data, device, args.seed, out / name,
@@ -114,6 +122,61 @@ def _reproduce(args: argparse.Namespace, argv: list[str]) -> int:
         console.log(f"[{name}] wrote {ctx.out}/results.json, metrics.csv, report.md, report.html")
     _summary(out, console, names)
     return 0
+
+
+def _check_settings(modules: dict, configs: dict, train_images: int | None = None) -> None:
+    """Hold each experiment's settings to its ``LIMITS``, then its ``validate``.
+
+    Args:
+        train_images: the loaded training set's size (default None: before loading, counts of
+            training images are held to full MNIST's).
+
+    Raises:
+        ConfigError: the first setting out of range; the message starts with its experiment.
+    """
+    from batchnorm.experiments import config
+
+    for name, module in modules.items():
+        try:
+            config.check(configs[name], module.LIMITS, train_images)
+            if hasattr(module, "validate"):
+                module.validate(configs[name])
+        except ValueError as error:
+            raise config.ConfigError(f"{name}: {error}") from None
+
+
+def _unwritable(out: Path, names: list[str]) -> str | None:
+    """Why the outputs of ``names`` cannot be written under ``out``; None when they can.
+
+    Checked before any data is read or network trained, by doing what writing the outputs does:
+    create OUT, OUT/EXPERIMENT and OUT/EXPERIMENT/runs and write (then remove) a file in each.
+    Only trying tells: permissions do not bind root, and /proc or a read-only mount refuse
+    whatever the mode bits say. Directories made only for this check are removed again, so a
+    command that fails later (no data, say) leaves nothing behind.
+    """
+    if out.exists() and not out.is_dir():
+        return (f"--out {out} is a file, not a directory; pass --out DIR naming a directory "
+                "(it is created if needed)")
+    targets = [out, *(out / name for name in names), *(out / name / "runs" for name in names)]
+    created: list[Path] = []  # outermost first
+    try:
+        for directory in targets:
+            created += reversed([p for p in (directory, *directory.parents) if not p.exists()])
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(dir=directory, prefix=".batchnorm-probe-")
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as error:
+        where = error.filename or directory
+        return (f"--out {out}: cannot write to {where} ({error.strerror or error}); pass --out "
+                "DIR naming a directory you can create and write to")
+    finally:
+        for path in reversed(created):
+            try:
+                path.rmdir()
+            except OSError:  # not made (the check failed first) or no longer empty
+                pass
+    return None
 
 
 def _report(out: Path) -> int:

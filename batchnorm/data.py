@@ -12,6 +12,12 @@ Checks, and why:
 - Every file is parsed from its header: magic number (2051 images, 2049 labels), 28x28 images, and
   a length exactly equal to the header plus the data it promises, so truncated or padded files are
   caught even when no checksum applies (raw files, or a smaller training set).
+- Files are read as a stream, header first, and never past the data the header promises (plus one
+  byte, to tell a padded file from a complete one); the promise itself is capped at
+  :data:`MAX_ITEMS`. So memory is bounded by what a plausible header promises, whatever the file
+  inflates to: a gzip bomb is rejected after reading a few bytes past its header's promise.
+- A name in the directory that is a broken symbolic link, or not a regular file, is an error that
+  says so (and where the link points) instead of passing for a missing file.
 - Labels lie in 0..9 and each image file has as many items as its label file.
 
 A training set smaller than the original 60,000 images is accepted; :attr:`Mnist.note` says so,
@@ -36,6 +42,7 @@ import numpy as np
 
 __all__ = [
     "FILES",
+    "MAX_ITEMS",
     "MIRRORS",
     "Mnist",
     "MnistError",
@@ -91,6 +98,12 @@ MIRRORS = (
 # IDX header: magic number and number of dimensions for each kind of file.
 _MAGIC = {"images": (2051, 3), "labels": (2049, 1)}
 _GZIP_MAGIC = b"\x1f\x8b"
+
+# The most items an IDX header may promise: far above MNIST's 60,000, so only a corrupt or hostile
+# header reaches it. It bounds what a header can make the reader hold (784 MB of images), since
+# the data is read up to the header's promise before its true length is known.
+MAX_ITEMS = 1_000_000
+_CHUNK = 1 << 20  # bytes read (and, for gzip, inflated) at a time
 
 
 class MnistError(ValueError):
@@ -174,15 +187,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache, "batchnorm", "mnist").expanduser()
 
 
-def parse_idx(data: bytes, kind: str, name: str) -> np.ndarray:
-    """Parse the bytes of an uncompressed IDX file of uint8 ``kind`` ("images" or "labels").
+def _header(data: bytes, kind: str, name: str) -> tuple[int, tuple[int, ...]]:
+    """Check the IDX header at the start of ``data``; return its length and the dimensions.
 
-    Returns:
-        (count, 28, 28) uint8 images or (count,) uint8 labels.
-
-    >>> import struct
-    >>> parse_idx(struct.pack(">ii", 2049, 3) + bytes([7, 0, 9]), "labels", "x").tolist()
-    [7, 0, 9]
+    Raises:
+        MnistError: the header is cut short, has the wrong magic number, image size or a count
+            outside 0..MAX_ITEMS; the message names the file.
     """
     magic, ndim = _MAGIC[kind]
     header = 4 + 4 * ndim
@@ -197,6 +207,24 @@ def parse_idx(data: bytes, kind: str, name: str) -> np.ndarray:
     if kind == "images" and dims[1:] != (28, 28):
         raise MnistError(f"{name}: images of {dims[1]}x{dims[2]} pixels, expected 28x28: "
                          "this is not an MNIST image file; replace it.")
+    if not 0 <= dims[0] <= MAX_ITEMS:
+        raise MnistError(f"{name}: its IDX header promises {dims[0]:,} {kind}, expected 0 to "
+                         f"{MAX_ITEMS:,} (MNIST has 60,000 at most): the file is corrupt; "
+                         "replace it with the original.")
+    return header, dims
+
+
+def parse_idx(data: bytes, kind: str, name: str) -> np.ndarray:
+    """Parse the bytes of an uncompressed IDX file of uint8 ``kind`` ("images" or "labels").
+
+    Returns:
+        (count, 28, 28) uint8 images or (count,) uint8 labels.
+
+    >>> import struct
+    >>> parse_idx(struct.pack(">ii", 2049, 3) + bytes([7, 0, 9]), "labels", "x").tolist()
+    [7, 0, 9]
+    """
+    header, dims = _header(data, kind, name)
     expected = header + int(np.prod(dims))
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
@@ -210,8 +238,31 @@ def parse_idx(data: bytes, kind: str, name: str) -> np.ndarray:
     return array
 
 
+def _read_promised(stream, kind: str, name: str) -> bytearray:
+    """The IDX bytes of ``stream``: the header, then at most the data it promises.
+
+    One byte more than the promise is asked for, so a file that goes on is caught without
+    reading (or inflating) the rest of it. A shorter file is returned whole, for
+    :func:`parse_idx` to call truncated.
+    """
+    data = bytearray(stream.read(4 + 4 * _MAGIC[kind][1]))
+    header, dims = _header(data, kind, name)
+    expected = header + int(np.prod(dims))
+    while len(data) <= expected:
+        block = stream.read(min(_CHUNK, expected + 1 - len(data)))
+        if not block:
+            return data
+        data += block
+    raise MnistError(f"{name}: extra data after the {dims[0]:,} {kind} ({expected:,} bytes of "
+                     "IDX data) that its header promises: the file is longer than its header "
+                     "says; replace it with the original.")
+
+
 def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
     """Read an MNIST IDX file, gzip-compressed or raw (detected from its first bytes).
+
+    The file is streamed (and inflated) only as far as its header's promise, so an oversized
+    file, or a gzip bomb, costs no more memory than the data it claims to hold.
 
     Args:
         path: the file.
@@ -221,23 +272,27 @@ def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
         (count, 28, 28) uint8 images or (count,) uint8 labels.
 
     Raises:
-        MnistError: the file is not valid gzip, or its IDX content is invalid (see
-            :func:`parse_idx`); the message names the file.
+        MnistError: the file is not valid gzip, holds more or less data than its header promises,
+            or its IDX content is invalid (see :func:`parse_idx`); the message names the file.
     """
     if kind not in _MAGIC:
         raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}")
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == _GZIP_MAGIC
+        handle.seek(0)
+        if not compressed:
+            if path.suffix == ".gz":
+                raise MnistError(f"{path}: named .gz but not gzip-compressed; replace it with the "
+                                 "original (or drop the .gz suffix if it is a raw IDX file).")
+            return parse_idx(_read_promised(handle, kind, str(path)), kind, str(path))
         try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as error:
+            with gzip.GzipFile(fileobj=handle) as stream:
+                data = _read_promised(stream, kind, str(path))
+        except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
             raise MnistError(f"{path}: not a complete gzip file ({error}): the file is truncated "
                              "or corrupt; delete it and put the original there.") from None
-    elif path.suffix == ".gz":
-        raise MnistError(f"{path}: named .gz but not gzip-compressed; replace it with the "
-                         "original (or drop the .gz suffix if it is a raw IDX file).")
-    return parse_idx(raw, kind, str(path))
+    return parse_idx(data, kind, str(path))
 
 
 def _md5(path: Path) -> str:
@@ -249,10 +304,23 @@ def _md5(path: Path) -> str:
 
 
 def _find(directory: Path, spec: MnistFile) -> Path | None:
-    """The gzip file if present, else the raw one, else None."""
+    """The gzip file if present, else the raw one, else None.
+
+    A name that is there but unusable (a broken symbolic link, a directory) is an error rather
+    than a missing file: the user put something there, and downloading over it, or calling it
+    missing, would hide what is wrong.
+    """
     for name in (spec.name, spec.name[: -len(".gz")]):
-        if (directory / name).is_file():
-            return directory / name
+        path = directory / name
+        if path.is_file():
+            return path
+        if path.is_symlink() and not path.exists():  # target missing, or a loop of links
+            raise MnistError(f"{path} is a broken symbolic link: it points to "
+                             f"{os.readlink(path)}, which does not exist; fix the link or "
+                             "replace it with the file.")
+        if path.exists():
+            raise MnistError(f"{path} is not a regular file (a directory?); replace it with "
+                             f"the MNIST file {name}.")
     return None
 
 

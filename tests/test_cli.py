@@ -1,15 +1,20 @@
 """The batchnorm CLI end to end, through its real parser, on tiny generated MNIST files."""
 
 import csv
+import importlib
 import json
+import math
+import os
 import re
+import shutil
+import typing
 from pathlib import Path
 
 import pytest
 from test_data import write_mnist
 
 from batchnorm import cli, data
-from batchnorm.experiments import EXPERIMENTS
+from batchnorm.experiments import EXPERIMENTS, config, runner
 from batchnorm.experiments import training as training_module
 
 # Shrinks every experiment further than --quick so that the whole file runs in seconds.
@@ -320,7 +325,8 @@ BATCH_SIZE_ERRORS = {
     "group larger than the batch": (["group_sizes=4,64"],
                                     ["ghost at m=64", "trains on batches of 32"]),
     "unknown group norm": (["group_norms=ghost,layer"], ["unknown ['layer']", "renorm"]),
-    "one example per group": (["group_sizes=1,2"], ["every m must be >= 2"]),
+    "one example per group": (["group_sizes=1,2"], ["group_sizes must be a non-empty list of "
+                                                    "values >= 2", "one example has no variance"]),
     "renorm ramp out of order": (["renorm_begin=0.5"], ["renorm_begin < renorm_d_stop"]),
     "momentum out of range": (["group_momentum_per_step=0"], ["group_momentum_per_step must"]),
 }
@@ -335,6 +341,277 @@ def test_bad_small_batch_settings_are_usage_errors(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert status == 2 and all(word in err for word in words), err
     assert not (tmp_path / "out").exists()
+
+
+def one_line_error(err: str) -> str:
+    """The CLI's error, checked to be one line and no traceback."""
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fail the test if the command reads the data (usage errors come first)."""
+    def load_mnist(*args, **kwargs):
+        raise AssertionError("the data was read before the usage error")
+
+    monkeypatch.setattr(data, "load_mnist", load_mnist)
+
+
+MODULES = {name: importlib.import_module(f"batchnorm.experiments.{module}")
+           for name, (module, _) in EXPERIMENTS.items()}
+
+# name -> (experiment, settings separated by spaces, words the error must contain): the values
+# that crashed after loading the data, or ran nothing and exited 0, before settings had ranges.
+SETTING_RANGE_ERRORS = {
+    "no readings": ("mnist", "eval_every=0", ["mnist: eval_every must be >= 1", "got 0"]),
+    "negative readings": ("mnist", "eval_every=-1", ["eval_every must be >= 1", "got -1"]),
+    "no hidden layers": ("mnist", "hidden=", ["hidden must be a non-empty list of values >= 1",
+                                              "got an empty list"]),
+    "empty hidden layer": ("mnist", "hidden=100,0", ["hidden must be", ">= 1", "got 100,0"]),
+    "unit past the layer": ("mnist", "unit=1000", ["unit must be in [0, 99]", "which has 100",
+                                                   "got 1000"]),
+    "unit past a narrower layer": ("mnist", "hidden=100,10 unit=10", ["unit must be in [0, 9]",
+                                                                      "got 10"]),
+    "empty batch": ("mnist", "batch_size=0", ["batch_size must be in [2, 60000]",
+                                              "MNIST's 60,000 training images", "got 0"]),
+    "batch of one": ("inference", "batch_size=1", ["batch statistics need 2 examples"]),
+    "huge batch": ("mnist", "batch_size=1000000000", ["batch_size must be in [2, 60000]"]),
+    "batch in float notation": ("mnist", "batch_size=1e9", ["batch_size: expected int"]),
+    "nan learning rate": ("mnist", "lr=nan", ["lr must be finite and > 0", "got nan"]),
+    "infinite learning rate": ("mnist", "lr=inf", ["lr must be finite and > 0", "got inf"]),
+    "negative steps": ("mnist", "steps=-5", ["steps must be >= 1", "got -5"]),
+    "no steps": ("learning-rate", "steps=0", ["learning-rate: steps must be >= 1"]),
+    "five pooling blocks": ("learning-rate", "channels=4,4,4,4,4",
+                            ["channels must be a list of 1 to 4 values >= 1"]),
+    "unreachable target": ("learning-rate", "target_accuracy=1.5",
+                           ["target_accuracy must be in (0, 1]"]),
+    "momentum of one": ("learning-rate", "momentum=1", ["momentum must be in [0, 1)"]),
+    "frozen moving averages": ("inference", "momentum=0", ["momentum must be in (0, 1]"]),
+    "batch beyond its images": ("init-scale", "train_size=100 batch_size=500",
+                                ["batch_size must be at most train_size", "train_size=100"]),
+    "zero weight scale": ("init-scale", "stds=1,0", ["stds must be a non-empty list of finite "
+                                                     "values > 0", "got 1.0,0.0"]),
+    "single noise batch": ("batch-size", "noise_batches=1", ["a spread needs 2 batches"]),
+}
+
+
+@pytest.mark.parametrize("case", SETTING_RANGE_ERRORS, ids=list(SETTING_RANGE_ERRORS))
+def test_settings_out_of_range_are_usage_errors(tmp_path, capsys, no_data, case):
+    experiment, settings, words = SETTING_RANGE_ERRORS[case]
+    arguments = [part for setting in settings.split(" ")
+                 for part in ("--set", f"{experiment}.{setting}")]
+    status = cli.main(["reproduce", experiment, "--data-dir", str(tmp_path), "--out",
+                       str(tmp_path / "out"), *arguments])
+    err = one_line_error(capsys.readouterr().err)
+    assert status == 2 and all(word in err for word in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def _outside(limit: config.Limit, kind: type, many: bool) -> list[str]:
+    """``--set`` texts just outside ``limit`` (for a field of element type ``kind``)."""
+    step = 1 if kind is int else 0.5
+    scalars = []
+    if kind in (int, float):
+        if limit.low is not None:
+            scalars.append(limit.low if limit.open_low else limit.low - step)
+        if limit.high is not None:
+            scalars.append(limit.high if limit.open_high else limit.high + step)
+    if kind is float:
+        scalars += [math.nan, math.inf]
+    texts = [str(value) for value in scalars]
+    if many:
+        fewest, most = limit.items
+        valid = "x" if kind is str else str(limit.low + (step if limit.open_low else 0))
+        if fewest >= 1:
+            texts.append("")
+        if most is not None:
+            texts.append(",".join([valid] * (most + 1)))
+    return texts
+
+
+def _every_setting():
+    for name, module in MODULES.items():
+        hints = typing.get_type_hints(module.Config)
+        for key, limit in module.LIMITS.items():
+            kind, many = config.element_type(hints[key])
+            for text in _outside(limit, kind, many):
+                yield pytest.param(name, key, text, id=f"{name}.{key}={text}")
+
+
+def test_every_setting_has_a_limit_and_the_defaults_keep_them():
+    for module in MODULES.values():
+        for quick in (None, module.QUICK):
+            cfg = config.resolve(module.Config, quick)
+            config.check(cfg, module.LIMITS)  # also: LIMITS names every field (else TypeError)
+            if hasattr(module, "validate"):
+                module.validate(cfg)
+
+
+@pytest.mark.parametrize(("name", "key", "text"), list(_every_setting()))
+def test_every_setting_is_range_checked(tmp_path, capsys, no_data, name, key, text):
+    status = cli.main(["reproduce", name, "--data-dir", str(tmp_path), "--out",
+                       str(tmp_path / "out"), "--set", f"{name}.{key}={text}"])
+    err = one_line_error(capsys.readouterr().err)
+    assert status == 2 and f"{name}: {key} must be" in err, err
+
+
+def test_bounds_themselves_are_allowed():
+    for name, module in MODULES.items():
+        hints = typing.get_type_hints(module.Config)
+        for key, limit in module.LIMITS.items():
+            kind, many = config.element_type(hints[key])
+            if kind not in (int, float):
+                continue
+            bounds = [limit.low if not limit.open_low else None,
+                      limit.high if not limit.open_high else None]
+            for bound in [b for b in bounds if b is not None]:
+                value = kind(bound)
+                assert limit.admits((value,) if many else value, hints[key]), (name, key, bound)
+
+
+def test_batches_larger_than_the_loaded_training_set_fail_before_training(tmp_path, capsys,
+                                                                           monkeypatch):
+    write_mnist(tmp_path / "data", 20, 10)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained with settings that do not fit the data")
+
+    monkeypatch.setattr(training_module, "train", no_training)
+    status = reproduce(tmp_path / "data", tmp_path / "out", "--set", "mnist.batch_size=50",
+                       experiment="mnist")
+    err = one_line_error(capsys.readouterr().err)
+    assert status == 2, err
+    assert "mnist: batch_size must be in [2, 20] (batch statistics need 2 examples; at most " \
+           "the training set's 20 images), got 50" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _unusable_out(tmp_path: Path) -> dict:
+    """name -> (an --out that cannot be written, words the error must contain)."""
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mnist").write_text("a file where the experiment's directory goes")
+    in_the_way = tmp_path / "taken" / "mnist"
+    cases = {"existing file": (tmp_path / "file", ["is a file, not a directory"]),
+             "below a file": (tmp_path / "file" / "out", ["cannot write to", "Not a directory"]),
+             "experiment directory is a file": (tmp_path / "taken",
+                                                [f"cannot write to {in_the_way}"])}
+    if Path("/proc/self").is_dir():
+        cases["under /proc"] = (Path("/proc/batchnorm-out"), ["cannot write to"])
+    return cases
+
+
+@pytest.mark.parametrize("case", ["existing file", "below a file",
+                                  "experiment directory is a file", "under /proc"])
+def test_unusable_out_fails_before_reading_data(tmp_path, capsys, no_data, case):
+    cases = _unusable_out(tmp_path)
+    if case not in cases:
+        pytest.skip("no /proc on this system")
+    out, words = cases[case]
+    status = cli.main(["reproduce", "mnist", "--quiet", "--data-dir", str(tmp_path / "data"),
+                       "--out", str(out)])
+    err = one_line_error(capsys.readouterr().err)
+    assert status == 2 and f"--out {out}" in err and "pass --out DIR" in err, err
+    assert all(word in err for word in words), err
+
+
+def test_read_only_out_fails_before_reading_data(tmp_path, capsys, no_data):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        if os.access(out, os.W_OK):
+            pytest.skip("permission bits do not bind this user (root): the directory is writable")
+        status = cli.main(["reproduce", "mnist", "--quiet", "--out", str(out)])
+        err = one_line_error(capsys.readouterr().err)
+        assert status == 2 and f"cannot write to {out / 'mnist'}" in err, err
+        assert "Permission denied" in err
+    finally:
+        out.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def trained_mnist(tmp_path_factory):
+    """The mnist experiment run once (tiny): its data directory and its output directory."""
+    root = tmp_path_factory.mktemp("resume")
+    write_mnist(root / "data", 200, 100)
+    assert reproduce(root / "data", root / "out", experiment="mnist") == 0
+    return root / "data", root / "out"
+
+
+def _without(key: str):
+    def damage(stored: dict) -> str:
+        del stored[key]
+        return json.dumps(stored)
+
+    return damage
+
+
+def _with(key: str, value, text: str | None = None):
+    def damage(stored: dict) -> str:
+        stored[key] = value
+        return text or json.dumps(stored)
+
+    return damage
+
+
+# name -> (the damaged run file's text from the stored object, words the warning must contain)
+CORRUPT_RUNS = {
+    "an array": (lambda stored: "[1, 2]", ["holds an array, expected an object"]),
+    "null": (lambda stored: "null", ["holds null"]),
+    "no seconds": (_without("seconds"), ['"seconds" is missing']),
+    "seconds as text": (_with("seconds", "12"), ['"seconds" is a string']),
+    "NaN seconds": (lambda stored: json.dumps(stored).replace(
+        f'"seconds": {json.dumps(stored["seconds"])}', '"seconds": NaN'), ["unreadable", "NaN"]),
+    "no result": (_without("result"), ['"result" is missing']),
+    "another identity": (lambda stored: json.dumps({**stored, "identity": {"seed": 7}}),
+                         ['"identity" is not the one']),
+    "cut short": (lambda stored: json.dumps(stored)[:40], ["unreadable"]),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_RUNS, ids=list(CORRUPT_RUNS))
+def test_corrupt_run_file_is_retrained_with_a_warning(tmp_path, capsys, trained_mnist, case):
+    damage, words = CORRUPT_RUNS[case]
+    data_dir, trained = trained_mnist
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    runs = sorted((out / "mnist" / "runs").glob("*.json"))
+    runs[0].write_text(damage(json.loads(runs[0].read_text())))
+    capsys.readouterr()
+    assert reproduce(data_dir, out, experiment="mnist") == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert str(runs[0]) in warning and "training this run again" in warning, warning
+    assert all(word in warning for word in words), warning
+    counts = results(out, "mnist")["training_runs"]
+    assert (counts["ran"], counts["resumed"]) == (1, 1)
+    identity = json.loads((trained / "mnist" / "runs" / runs[0].name).read_text())["identity"]
+    assert runner.stored_run_problem(json.loads(runs[0].read_text()), identity) is None
+
+
+# name -> (text of results.json, words the error must contain)
+CORRUPT_RESULTS = {
+    "an array": ("[]", ["holds an array, not the results of an experiment"]),
+    "null": ("null", ["holds null"]),
+    "NaN": ("NaN", ["is not valid JSON", "NaN is not JSON"]),
+    "no experiment": ('{"steps": 3}', ["holds an object, not the results of an experiment"]),
+    "unknown experiment": ('{"experiment": "imagenet"}', ["unknown experiment 'imagenet'"]),
+    "missing numbers": ('{"experiment": "mnist"}', ["does not hold the results this version "
+                                                    "writes (KeyError: 'curves')"]),
+    "not JSON": ("{", ["is not valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_RESULTS, ids=list(CORRUPT_RESULTS))
+def test_report_on_corrupt_results_names_the_file(tmp_path, capsys, case):
+    text, words = CORRUPT_RESULTS[case]
+    path = tmp_path / "mnist" / "results.json"
+    path.parent.mkdir()
+    path.write_text(text)
+    assert cli.main(["report", str(path.parent)]) == 1
+    err = one_line_error(capsys.readouterr().err)
+    assert str(path) in err and all(word in err for word in words), err
 
 
 def test_unknown_experiment_is_rejected_by_the_parser(capsys):

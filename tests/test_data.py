@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import struct
+import tracemalloc
 from pathlib import Path
 from urllib.error import URLError
 
@@ -94,6 +95,47 @@ def test_truncated_gzip_and_fake_gzip(tmp_path):
     path.write_bytes(_labels(range(10)))
     with pytest.raises(MnistError, match="not gzip-compressed"):
         data.read_idx(path, "labels")
+
+
+def test_gzip_bomb_is_rejected_without_inflating_it(tmp_path):
+    """10 promised labels, then 64 MiB of zeros: rejected, and the zeros are never held."""
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    block = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=1) as stream:
+        stream.write(_labels(range(10)))
+        for _ in range(64):
+            stream.write(block)
+    assert path.stat().st_size < 1 << 20  # about 1/200 of what it inflates to
+    tracemalloc.start()
+    try:
+        with pytest.raises(MnistError) as error:
+            data.read_idx(path, "labels")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(error.value) and "extra data" in str(error.value)
+    assert "10 labels" in str(error.value)
+    assert peak < 4 << 20, f"peak {peak:,} bytes while reading a 10-label file"
+
+
+def test_header_promising_too_many_items_is_rejected(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte"
+    path.write_bytes(struct.pack(">ii", 2049, 2**31 - 1) + bytes(10))
+    with pytest.raises(MnistError, match="promises 2,147,483,647 labels, expected 0 to"):
+        data.read_idx(path, "labels")
+
+
+def test_dangling_symlink_is_named_as_a_broken_link(tmp_path):
+    write_mnist(tmp_path, 6, 4)
+    link = tmp_path / "t10k-images-idx3-ubyte.gz"
+    link.unlink()
+    target = tmp_path / "elsewhere" / "t10k-images-idx3-ubyte.gz"
+    link.symlink_to(target)
+    with pytest.raises(MnistError) as error:
+        data.load_mnist(tmp_path, download=False)
+    message = str(error.value)
+    assert "broken symbolic link" in message and str(link) in message and str(target) in message
+    assert "missing" not in message
 
 
 def test_inconsistent_counts_name_both_files(tmp_path):

@@ -1,10 +1,13 @@
 """The experiments of ``batchnorm reproduce``: one module per experiment, registered by name.
 
 Each module defines ``TITLE``, ``Config`` (a frozen dataclass of the default settings, with a
-comment on every default), ``QUICK`` (the settings ``--quick`` changes: steps only), ``PUBLISHED``
-(the published numbers to compare with), ``run(ctx)`` (trains, resumably, and returns the
-numbers for results.json), and ``metrics``, ``figures``, ``sections`` and ``headline``, which
-build the reports from results.json alone. Importing this package imports no experiment.
+comment on every default), ``QUICK`` (the settings ``--quick`` changes: steps only), ``LIMITS``
+(a :class:`~batchnorm.experiments.config.Limit` for every setting), optionally ``validate(cfg)``
+(how the settings fit together), ``PUBLISHED`` (the published numbers to compare with),
+``run(ctx)`` (trains, resumably, and returns the numbers for results.json), and ``metrics``,
+``figures``, ``sections`` and ``headline``, which build the reports from results.json alone.
+``LIMITS`` and ``validate`` are checked before any data is read. Importing this package imports
+no experiment.
 """
 
 # CLI name -> (module, one-line description for --help), in the order `all` runs them.

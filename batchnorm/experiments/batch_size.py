@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchnorm.experiments.config import as_dict
+from batchnorm.experiments.config import FULL_TRAIN, Limit, as_dict
 from batchnorm.experiments.models import NORMS, mlp
 from batchnorm.experiments.report import Section, Table, fmt, pyplot, save_figure
 from batchnorm.experiments.training import accuracy, train
@@ -65,6 +65,29 @@ class Config:
 
 
 QUICK = {"epochs": 1, "noise_batches": 200}
+
+# The values each setting may take (config.check, before any data is read); validate checks
+# the normalization names and how the settings fit together.
+_ONE_EXAMPLE = "one example has no variance"
+LIMITS = {
+    "noise_sizes": Limit(1, FULL_TRAIN - 1, images=True),  # all of it would have no spread
+    "noise_batches": Limit(2, why="a spread needs 2 batches"),
+    "sizes": Limit(2, FULL_TRAIN, images=True, why=_ONE_EXAMPLE),
+    "norms": Limit(),
+    "group_sizes": Limit(2, why=_ONE_EXAMPLE),  # and <= group_batch: validate
+    "group_batch": Limit(2, FULL_TRAIN, images=True, why=_ONE_EXAMPLE),
+    "group_norms": Limit(),
+    "group_momentum_per_step": Limit(0, 1, open_low=True),
+    "hidden": Limit(1),
+    "epochs": Limit(1),
+    "lr_at_32": Limit(0, open_low=True),
+    "lr_reference_batch": Limit(1),
+    "renorm_r_max": Limit(1),  # r is clipped to [1/r_max, r_max]
+    "renorm_d_max": Limit(0),  # d is clipped to [-d_max, d_max]
+    "renorm_begin": Limit(0, 1, why="a share of the run"),
+    "renorm_d_stop": Limit(0, 1, why="a share of the run"),
+    "renorm_r_stop": Limit(0, 1, why="a share of the run"),
+}
 
 PUBLISHED = {
     "noise": "std(μ_B) = σ/√m for m examples drawn independently (closed form)",
@@ -189,7 +212,11 @@ def _run_one(ctx, norm: str, m: int) -> dict:
 
 
 def validate(cfg: Config) -> None:
-    """Reject unknown normalizations, impossible group sizes and schedules before any work."""
+    """Reject unknown normalizations, impossible group sizes and schedules before any work.
+
+    The range of each setting on its own is :data:`LIMITS` (checked first); this checks the
+    names and how the settings fit together.
+    """
     unknown = [name for name in (*cfg.norms, *cfg.group_norms)
                if name not in SCHEMES or name not in NORMS]
     if unknown:
@@ -197,23 +224,14 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"norms, group_norms: unknown {unknown}; available: {available}")
     for norm, m in [(n, m) for n in cfg.norms for m in cfg.sizes] + \
                    [(n, m) for n in cfg.group_norms for m in cfg.group_sizes]:
-        if m < 2:
-            raise ValueError(f"sizes, group_sizes: every m must be >= 2 (one example has no "
-                             f"variance), got {m}")
         batch = SCHEMES[norm][0](m, cfg)
         if batch < m:
             raise ValueError(f"{norm} at m={m}: it trains on batches of {batch}, fewer than "
                              f"m; keep m <= {batch} or raise group_batch")
     fractions = (cfg.renorm_begin, cfg.renorm_d_stop, cfg.renorm_r_stop)
-    if not (0 <= cfg.renorm_begin < min(fractions[1:]) and max(fractions[1:]) <= 1):
-        raise ValueError(f"renorm_begin < renorm_d_stop, renorm_r_stop <= 1 must hold (shares "
-                         f"of the run), got {fractions}")
-    if not 0 < cfg.group_momentum_per_step <= 1:
-        raise ValueError(f"group_momentum_per_step must be in (0, 1], got "
-                         f"{cfg.group_momentum_per_step}")
-    if not (cfg.renorm_r_max >= 1 and cfg.renorm_d_max >= 0):
-        raise ValueError(f"renorm_r_max must be >= 1 and renorm_d_max >= 0, got "
-                         f"{cfg.renorm_r_max} and {cfg.renorm_d_max}")
+    if not cfg.renorm_begin < min(fractions[1:]):
+        raise ValueError(f"renorm_begin < renorm_d_stop, renorm_r_stop must hold (the ramp "
+                         f"begins before it stops), got {fractions}")
 
 
 def _small_batch(cfg: Config, same: list[dict], grouped: list[dict]) -> dict:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from batchnorm import reference
-from batchnorm.experiments.config import as_dict
+from batchnorm.experiments.config import FULL_TRAIN, Limit, as_dict
 from batchnorm.experiments.models import mlp, norm_layers
 from batchnorm.experiments.report import Section, Table, fmt, pyplot, save_figure
 from batchnorm.experiments.training import accuracy, train
@@ -38,6 +38,17 @@ class Config:
 
 
 QUICK = {"steps": 1_000}
+
+# The values each setting may take (config.check, before any data is read).
+LIMITS = {
+    "steps": Limit(1),
+    # m of Algorithm 2 too, whose unbiased variance m/(m-1) needs m >= 2
+    "batch_size": Limit(2, FULL_TRAIN, images=True, why="batch statistics need 2 examples"),
+    "hidden": Limit(1),
+    "init_std": Limit(0, open_low=True),
+    "lr": Limit(0, open_low=True),
+    "momentum": Limit(0, 1, open_low=True),  # 0 would leave the moving averages at 0 and 1
+}
 
 PUBLISHED = {
     "claim": "Algorithm 2: inference uses population statistics with the unbiased variance "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchnorm.experiments.config import as_dict
+from batchnorm.experiments.config import FULL_TRAIN, Limit, as_dict
 from batchnorm.experiments.models import mlp
 from batchnorm.experiments.report import Section, Table, fmt, pyplot, save_figure
 from batchnorm.experiments.training import accuracy, train
@@ -33,6 +33,24 @@ class Config:
 
 
 QUICK = {"epochs": 5}
+
+# The values each setting may take (config.check, before any data is read; validate below).
+LIMITS = {
+    "train_size": Limit(2, FULL_TRAIN),  # more than the loaded set means all of it
+    "hidden": Limit(1),
+    "stds": Limit(0, open_low=True),
+    "lr": Limit(0, open_low=True),
+    "batch_size": Limit(2, FULL_TRAIN, images=True, why="batch statistics need 2 examples"),
+    "epochs": Limit(1),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Reject batches larger than the images they are drawn from (after config.check)."""
+    if cfg.batch_size > cfg.train_size:
+        raise ValueError(f"batch_size must be at most train_size (batches are drawn from the "
+                         f"first train_size images), got batch_size={cfg.batch_size}, "
+                         f"train_size={cfg.train_size}")
 
 PUBLISHED = {"bn_wins": 14, "panels": 16, "bn_min_in_range": 0.95, "plain_in_range": 0.11,
              "range": list(BOOK_RANGE)}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchnorm.experiments.config import as_dict
+from batchnorm.experiments.config import FULL_TRAIN, Limit, as_dict
 from batchnorm.experiments.models import convnet
 from batchnorm.experiments.report import Section, Table, fmt, pyplot, save_figure
 from batchnorm.experiments.training import accuracy, train
@@ -33,6 +33,18 @@ class Config:
 
 
 QUICK = {"steps": 200, "eval_every": 50}
+
+# The values each setting may take (config.check, before any data is read).
+LIMITS = {
+    "channels": Limit(1, items=(1, 4), why="each block halves the 28x28 image"),
+    "steps": Limit(1),
+    "batch_size": Limit(2, FULL_TRAIN, images=True, why="batch statistics need 2 examples"),
+    "base_lr": Limit(0, open_low=True),
+    "momentum": Limit(0, 1, open_high=True),  # SGD's; 1 or more never forgets a gradient
+    "multipliers": Limit(0, open_low=True),
+    "target_accuracy": Limit(0, 1, open_low=True),
+    "eval_every": Limit(1),
+}
 
 # Paper, Table 2 (Inception on ImageNet): steps to reach Inception's 72.2% and best accuracy.
 PUBLISHED = {

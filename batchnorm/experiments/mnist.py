@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchnorm.experiments.config import as_dict
+from batchnorm.experiments.config import FULL_TRAIN, Limit, as_dict
 from batchnorm.experiments.models import activation_layers, mlp
 from batchnorm.experiments.report import Section, Table, fmt, pyplot, save_figure
 from batchnorm.experiments.training import accuracy, train
@@ -39,6 +39,25 @@ class Config:
 
 
 QUICK = {"steps": 2_000, "eval_every": 250}
+
+# The values each setting may take (config.check, before any data is read; validate below).
+LIMITS = {
+    "steps": Limit(1),
+    "batch_size": Limit(2, FULL_TRAIN, images=True, why="batch statistics need 2 examples"),
+    "hidden": Limit(1),
+    "init_std": Limit(0, open_low=True),
+    "lr": Limit(0, open_low=True),
+    "eval_every": Limit(1),
+    "unit": Limit(0),  # and below the last hidden layer's width: validate
+}
+
+
+def validate(cfg: Config) -> None:
+    """Reject a followed unit that the last hidden layer does not have (after config.check)."""
+    width = cfg.hidden[-1]
+    if cfg.unit >= width:
+        raise ValueError(f"unit must be in [0, {width - 1}] (a sigmoid of the last hidden "
+                         f"layer, which has {width}), got {cfg.unit}")
 
 # Test accuracy read from the paper's Fig. 1(a), without BN and with BN.
 PUBLISHED = {"test_accuracy": {"10000": {"plain": 0.926, "bn": 0.966},

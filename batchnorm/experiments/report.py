@@ -45,6 +45,35 @@ def write_json(path: Path, value) -> None:
     write_text(path, json.dumps(value, indent=1, sort_keys=False, allow_nan=False) + "\n")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (results are written without NaN or Infinity)")
+
+
+def read_json(path: Path):
+    """The value in the JSON file ``path``, read as strictly as :func:`write_json` writes.
+
+    NaN and Infinity are refused: :func:`write_json` never writes them, so a file holding one
+    was not written by this package (or was damaged), and a NaN would pass every later check.
+
+    Raises:
+        OSError: the file cannot be read. ValueError: it is not UTF-8 or not strict JSON.
+    """
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+
+
+def json_kind(value) -> str:
+    """The JSON name of a parsed value's type, for error messages.
+
+    >>> json_kind([1, 2]), json_kind(None), json_kind({})
+    ('an array', 'null', 'an object')
+    """
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), (dict, "an object"), (list, "an array"), (str, "a string"),
+             ((int, float), "a number"))
+    return next(name for kind, name in kinds if isinstance(value, kind))
+
+
 @dataclass
 class Table:
     """A table of preformatted cells; ``caption`` is a sentence under it."""
@@ -191,16 +220,26 @@ def build(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     path = directory / "results.json"
     try:
-        results = json.loads(path.read_text())
+        results = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run `batchnorm reproduce` with this --out "
                                 "first (reports are built from saved results)") from None
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError and NaN are ValueErrors
         raise ValueError(f"{path} is not valid JSON ({error}); run the experiment again") from None
-    module = experiment_module(results["experiment"])
-    write_csv(directory / "metrics.csv", module.metrics(results))
-    figures = module.figures(results, directory)
-    sections = module.sections(results, figures) + [setup_section(results)]
+    if not isinstance(results, dict) or not isinstance(results.get("experiment"), str):
+        raise ValueError(f"{path} holds {json_kind(results)}, not the results of an experiment "
+                         "(a JSON object with its \"experiment\" name); run the experiment again")
+    try:
+        module = experiment_module(results["experiment"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}; run the experiment again") from None
+    try:
+        write_csv(directory / "metrics.csv", module.metrics(results))
+        figures = module.figures(results, directory)
+        sections = module.sections(results, figures) + [setup_section(results)]
+    except (KeyError, TypeError, IndexError) as error:  # a damaged file, or another version's
+        raise ValueError(f"{path} does not hold the results this version writes "
+                         f"({type(error).__name__}: {error}); run the experiment again") from error
     title = f"{module.TITLE} ({results['experiment']})"
     write_text(directory / "report.md", to_markdown(title, sections))
     write_text(directory / "report.html", to_html(title, sections, directory))

@@ -4,13 +4,16 @@ Each training run (one network, one setting) is stored under ``OUT/EXPERIMENT/ru
 as it finishes, named by a hash of everything that determines it (its settings, the seed, the
 device and the dataset's digest). A restarted command with the same arguments finds the file
 and skips the run; changing any of those inputs changes the hash, so a stale result is never
-reused.
+reused. A stored file that is unreadable, not the object this module writes, or of another
+identity is not trusted: the run is trained again and the file replaced, with a warning that
+names it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -25,7 +28,7 @@ import torch
 
 from batchnorm.data import Mnist
 from batchnorm.experiments.config import as_dict
-from batchnorm.experiments.report import write_json
+from batchnorm.experiments.report import json_kind, read_json, write_json
 from batchnorm.experiments.training import Tensors
 
 # Bump when the meaning of stored run results changes, so old files are not reused.
@@ -86,6 +89,14 @@ class Console:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def warn(self, text: str) -> None:
+        """A warning on stderr, shown even when quiet, on one unwrapped line (paths stay whole)."""
+        line = f"warning: {text}"
+        if self._rich:
+            self._rich.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def show(self, renderable) -> None:
         """Print a rich renderable (a table) to the console."""
         if not self.quiet and self._rich:
@@ -142,16 +153,12 @@ class Context:
                     "dataset": self.mnist.describe()["sha256"]}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         path = self.out / "runs" / f"{label}-{digest}.json"
-        if path.is_file():
-            try:
-                stored = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                stored = None  # unreadable: train again and overwrite it
-            if stored and stored.get("identity") == identity:
-                self.resumed += 1
-                self.run_seconds[label] = stored["seconds"]
-                self.console.log(f"[{self.name}] {label}: finished before, skipped ({path.name})")
-                return stored["result"]
+        stored = self._stored(path, identity) if path.is_file() else None
+        if stored is not None:
+            self.resumed += 1
+            self.run_seconds[label] = stored["seconds"]
+            self.console.log(f"[{self.name}] {label}: finished before, skipped ({path.name})")
+            return stored["result"]
         start = time.perf_counter()
         result = train()
         seconds = time.perf_counter() - start
@@ -161,8 +168,50 @@ class Context:
         self.console.log(f"[{self.name}] {label}: done in {seconds:.1f} s")
         return result
 
+    def _stored(self, path: Path, identity: dict) -> dict | None:
+        """The run stored at ``path`` if it is whole and has ``identity``; else None, warned."""
+        try:
+            stored = read_json(path)
+        except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError, NaN
+            problem = f"unreadable ({error})"
+        else:
+            problem = stored_run_problem(stored, identity)
+        if problem is None:
+            return stored
+        self.console.warn(f"[{self.name}] {path}: {problem}; not trusted: training this run "
+                          "again and replacing the file")
+        return None
+
     def progress(self, label: str, total: int):
         return self.console.progress(f"{self.name} {label}", total)
+
+
+def stored_run_problem(stored, identity: dict) -> str | None:
+    """What is wrong with a parsed run file for ``identity``; None when it can be resumed.
+
+    The file must be what :meth:`Context.run` writes: an object with this ``identity`` (the file
+    name is its hash, so another one means a damaged or hand-made file), the run's ``seconds``
+    (a finite number >= 0) and its ``result`` (an object).
+
+    >>> stored_run_problem([1, 2], {"label": "bn"})
+    'holds an array, expected an object with "identity", "seconds" and "result"'
+    >>> stored_run_problem({"identity": {"label": "bn"}, "result": {}}, {"label": "bn"})
+    '"seconds" is missing, expected a number >= 0'
+    """
+    if not isinstance(stored, dict):
+        return f'holds {json_kind(stored)}, expected an object with "identity", "seconds" and ' \
+               '"result"'
+    if stored.get("identity") != identity:
+        return '"identity" is not the one this run\'s settings give (its file name is their hash)'
+    seconds = stored.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
+            not (math.isfinite(seconds) and seconds >= 0):
+        got = "missing" if "seconds" not in stored else f"{json_kind(seconds)} {seconds!r}"
+        return f'"seconds" is {got}, expected a number >= 0'
+    if not isinstance(stored.get("result"), dict):
+        got = "missing" if "result" not in stored else json_kind(stored["result"])
+        return f'"result" is {got}, expected an object'
+    return None
 
 
 def metadata(ctx: Context, quick: bool, overrides: dict, command: str) -> dict:

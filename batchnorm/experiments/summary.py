@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from batchnorm.experiments import EXPERIMENTS
-from batchnorm.experiments.report import experiment_module, write_text
+from batchnorm.experiments.report import experiment_module, read_json, write_text
 
 # "training s" sums every run's own time, resumed ones included; "wall s" is the last command's.
 HEADER = ["experiment", "ours", "published", "runs (new/resumed)", "training s",
@@ -25,14 +24,14 @@ def rows(root: Path) -> list[dict]:
         if not path.is_file():
             continue
         try:
-            results = json.loads(path.read_text())
+            results = read_json(path)
             ours, published = experiment_module(name).headline(results)
             runs = results["training_runs"]
             label = name + (" (--quick)" if results["quick"] else "")
             cells = [label, ours, published, f"{runs['ran']}/{runs['resumed']}",
                      f"{results['train_seconds']:.1f}", f"{results['wall_seconds']:.1f}"]
             note = results["dataset"]["note"]
-        except (ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
             # Results of another version or a damaged file: say so instead of failing.
             cells = [name, f"unreadable results.json ({type(error).__name__}: {error}); run "
                      "this experiment again", "", "", "", ""]
