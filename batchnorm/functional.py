@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from batchnorm import _autograd, _ops
+from batchnorm import _autograd, _ops, masked
 from batchnorm.kernels import crossover, eager, native, resolve
 
 ACTIVATIONS = (None, "relu")
@@ -48,6 +48,7 @@ def batch_norm(
     process_group=None,
     r_max: float | Tensor | None = None,
     d_max: float | Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     r"""Batch normalization over dim 1 of an input of rank >= 2, as ``torch.nn.functional``.
 
@@ -97,6 +98,9 @@ def batch_norm(
             ``$BATCHNORM_BACKEND`` (default ``auto``). Default: ``None``.
         process_group: in training, merge the statistics (and the gradient sums) over the
             processes of this ``torch.distributed`` group; ``None`` for none. Default: ``None``.
+        mask: in training, a bool tensor of the input's shape without dim 1, True where a
+            value counts: the statistics are those of the counted positions only, for padded
+            sequences (``batchnorm.masked``); ignored in inference. Default: ``None``.
         r_max, d_max: in training, Batch Renorm's bounds on ``r`` (>= 1) and ``|d|`` (>= 0),
             numbers or 0-dim tensors; ``None`` for 1 and 0, no correction. Default: ``None``.
 
@@ -126,6 +130,9 @@ def batch_norm(
                            r_max, d_max)
     if input.numel() == 0 and process_group is None:
         return _empty_output(input, weight, bias, residual)
+    if mask is not None and training:
+        return _masked(input, mask, running_mean, running_var, weight, bias, momentum, eps,
+                       num_batches_tracked, activation, residual, process_group, r_max, d_max)
     x = _canonical_layout(input)
     if residual is not None:
         residual = _ops.like_layout(residual, x)
@@ -168,6 +175,20 @@ def batch_norm(
         _ops.call("update_running_stats")(running_mean, running_var, num_batches_tracked, mean,
                                           var, m, momentum, updater)
     return y
+
+
+def _masked(x, mask, running_mean, running_var, weight, bias, momentum, eps, counter,
+            activation, residual, process_group, r_max, d_max) -> Tensor:
+    """Training over the positions ``mask`` counts (``batchnorm.masked``), in torch ops."""
+    masked.check_mask(mask, x, True, process_group)
+    if r_max is not None or d_max is not None:
+        raise ValueError("mask= and Batch Renorm's r_max/d_max do not combine; use one of them")
+    y, mean, var, m = masked.train(x, mask, weight, bias, eps, process_group)
+    if running_mean is not None:
+        eager.update_running_stats(running_mean, running_var, counter, mean, var, m, momentum)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if activation == "relu" else y
 
 
 def _native(x, running_mean, running_var, weight, bias, training, momentum, eps, counter,

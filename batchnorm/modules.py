@@ -130,20 +130,24 @@ class _BatchNorm(_NormBase):
 
     activation: str | None = None  # applied after normalizing, fused; set by BatchNormAct*d
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask``: in training, a bool tensor of ``input``'s shape without dim 1, True where
+        a value counts in the statistics (padded sequences; ``batchnorm.masked``)."""
         if isinstance(input, torch.fx.Proxy):
-            return fx_leaf(self, input)
-        return self._forward(input, None)
+            return fx_leaf(self, input) if mask is None else fx_leaf(self, input, mask)
+        return self._forward(input, None, mask)
 
-    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
+    def _forward(self, input: Tensor, residual: Tensor | None,
+                 mask: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
         k = self.virtual_batch_size
         if self.training and k is not None and input.shape[0] > k:
-            return self._ghost_forward(input, residual, k)
-        return self._normalize(input, residual)
+            return self._ghost_forward(input, residual, k, mask)
+        return self._normalize(input, residual, mask)
 
-    def _ghost_forward(self, input: Tensor, residual: Tensor | None, k: int) -> Tensor:
+    def _ghost_forward(self, input: Tensor, residual: Tensor | None, k: int,
+                       mask: Tensor | None = None) -> Tensor:
         """Ghost batch norm: each chunk of ``k`` samples along dim 0 is a batch of its own.
 
         The last chunk holds the remaining ``N mod k`` samples when ``k`` does not divide ``N``.
@@ -158,13 +162,15 @@ class _BatchNorm(_NormBase):
                 f"{tuple(input.shape)}); use a batch size whose last chunk keeps at least 2 "
                 "values per channel, e.g. a multiple of a virtual_batch_size >= 2")
         chunks = input.split(k)
-        if residual is None:
-            return torch.cat([self._normalize(chunk) for chunk in chunks])
-        F.check_residual(residual, input)
-        return torch.cat([self._normalize(chunk, res)
-                          for chunk, res in zip(chunks, residual.split(k), strict=True)])
+        if residual is not None:
+            F.check_residual(residual, input)
+        residuals = [None] * len(chunks) if residual is None else residual.split(k)
+        masks = [None] * len(chunks) if mask is None else mask.split(k)
+        return torch.cat([self._normalize(chunk, res, m)
+                          for chunk, res, m in zip(chunks, residuals, masks, strict=True)])
 
-    def _normalize(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def _normalize(self, input: Tensor, residual: Tensor | None = None,
+                   mask: Tensor | None = None) -> Tensor:
         training, running_mean, running_var = self.training, self.running_mean, self.running_var
         # Batch statistics in training, and in inference when there are no running ones.
         use_batch_stats = training or (running_mean is None and running_var is None)
@@ -173,7 +179,8 @@ class _BatchNorm(_NormBase):
         else:  # read in inference, updated in training
             counter = self.num_batches_tracked if training else None
         weight, bias = self.weight, self.bias
-        if residual is None and self.activation is None and type(self)._seams is _BatchNorm._seams:
+        if (residual is None and mask is None and self.activation is None
+                and type(self)._seams is _BatchNorm._seams):
             # A plain layer's call, checked by the layer; small ones go to torch's op directly.
             y = F.layer_call(input, running_mean, running_var, weight, bias, use_batch_stats,
                              self.momentum, self.eps, counter)
@@ -181,7 +188,7 @@ class _BatchNorm(_NormBase):
                 return y
         return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
                             self.momentum, self.eps, num_batches_tracked=counter,
-                            activation=self.activation, residual=residual,
+                            activation=self.activation, residual=residual, mask=mask,
                             **(self._seams() if training else {}))
 
     def _seams(self) -> dict:

@@ -264,3 +264,30 @@ def test_ranks_match_on_every_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("SYNC_TEST_BACKENDS", ",".join(backends))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks run Triton's interpreter
     _spawn(_backends_job, 2, tmp_path)
+
+
+def _masked_job(rank: int, world: int, init: str) -> None:
+    _init_with_timeout(rank, world, init)
+    try:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
+        mask = torch.rand(4, 6, generator=g) < 0.6
+        mine = slice(2 * rank, 2 * rank + 2)
+        layer = SyncBatchNorm(3).double()
+        reference = torch.nn.BatchNorm1d(3).double()
+        xr = x[mine].clone().requires_grad_()
+        y = layer(xr, mask=mask[mine])
+        # One process over the counted positions of every rank.
+        counted = x.transpose(1, 2)[mask].requires_grad_()
+        expected = reference(counted)
+        start = int(mask[:2 * rank].sum())  # this rank's counted positions, in order
+        assert_close(y.transpose(1, 2)[mask[mine]],
+                     expected[start:start + int(mask[mine].sum())])
+        for key, value in reference.state_dict().items():
+            assert_close(layer.state_dict()[key].double(), value.double(), msg=key)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_masks_merge_their_counts_across_ranks(tmp_path):
+    _spawn(_masked_job, 2, tmp_path)
