@@ -18,6 +18,7 @@ from batchnorm.frozen import (
     FrozenBatchNormAct3d,
 )
 from batchnorm.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, Epilogue
+from batchnorm.inplace_abn import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d
 from batchnorm.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -34,7 +35,8 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
     "BatchNormAct3d", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "Epilogue",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormAct1d",
-    "FrozenBatchNormAct2d", "FrozenBatchNormAct3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
+    "FrozenBatchNormAct2d", "FrozenBatchNormAct3d", "InPlaceABN1d", "InPlaceABN2d",
+    "InPlaceABN3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
     "LazyBatchNorm3d", "SyncBatchNorm", "SyncBatchNormAct", "convert", "fold", "freeze",
     "functional", "recalibrate", "reference",
 ]

@@ -1,0 +1,115 @@
+"""In-place ABN against BatchNorm (weight |gamma| + eps) followed by the activation, float64."""
+
+import pytest
+import torch
+from tolerances import assert_close
+
+import batchnorm
+from batchnorm.inplace_abn import InPlaceABN1d, InPlaceABN2d, inplace_abn
+
+ACTS = {"leaky_relu": lambda y, p: torch.nn.functional.leaky_relu(y, p),
+        "elu": lambda y, p: torch.nn.functional.elu(y, p),
+        "identity": lambda y, p: y}
+
+
+def _reference(x, layer, training):
+    """The ordinary BN + activation, with the layer's tensors and the scale |gamma| + eps."""
+    weight = layer.weight.abs() + layer.eps
+    return ACTS[layer.inplace_activation](torch.nn.functional.batch_norm(
+        x, layer.running_mean.clone(), layer.running_var.clone(), weight, layer.bias,
+        training=training, momentum=layer.momentum, eps=layer.eps), layer.activation_param)
+
+
+@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("leaky_relu", 0.3),
+                                              ("elu", 1.0), ("identity", 0.0)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_gradients_and_statistics_match_bn_then_activation(activation, param,
+                                                                   training, channels_last):
+    torch.manual_seed(0)
+    layer = InPlaceABN2d(3, activation=activation, activation_param=param).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.7, -1.3, 0.0]))  # a negative and a zero gamma
+        layer.bias.copy_(torch.tensor([0.2, -0.1, 0.4]))
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2)
+    layer.train(training)
+    source = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
+    if channels_last:
+        source = source.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected = _reference(source, layer, training)
+    x = source * 1.0  # a non-leaf, as a conv's output is
+    z = layer(x)
+    assert z.data_ptr() == x.data_ptr()  # written over its input
+    assert_close(z, expected)
+    dz = torch.randn_like(z)
+    got = torch.autograd.grad(z, (source, layer.weight, layer.bias), dz)
+    weight = layer.weight
+    want = torch.autograd.grad(expected, (source, weight, layer.bias), dz)
+    for name, a, b in zip(("input", "weight", "bias"), got, want, strict=True):
+        assert_close(a, b, msg=name)
+    if training:
+        reference = torch.nn.BatchNorm2d(3).double()
+        reference(source.detach())
+        assert int(layer.num_batches_tracked) == 1
+
+
+def test_running_statistics_move_as_batch_norms():
+    layer, reference = InPlaceABN1d(4).double(), torch.nn.BatchNorm1d(4).double()
+    for step in range(3):
+        x = torch.randn(8, 4, dtype=torch.float64) + step
+        reference(x)
+        layer(x.clone())
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(layer, key).double(), getattr(reference, key).double(), msg=key)
+    assert set(layer.state_dict()) == set(reference.state_dict())
+
+
+def test_gradcheck():
+    weight = torch.tensor([0.6, -1.4], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([0.1, 0.3], dtype=torch.float64, requires_grad=True)
+
+    def f(x, weight, bias):
+        return inplace_abn(x * 1.0, None, None, weight, bias, training=True,
+                           activation="leaky_relu", activation_param=0.2)
+
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+
+
+def test_it_keeps_less_for_backward_than_bn_then_activation():
+    """Saved tensors of the graph: one full-size tensor for in-place ABN, two otherwise."""
+    def full_size_saved(build):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        x = torch.randn(4, 8, 6, 6, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            build(x * 1.0)
+        return sum(1 for n in sizes if n == x.numel())
+
+    ours = InPlaceABN2d(8)
+    theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.LeakyReLU(0.01))
+    assert full_size_saved(ours) == 1
+    assert full_size_saved(theirs) >= 2
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="plain ReLU is not invertible"):
+        InPlaceABN2d(3, activation="relu")
+    with pytest.raises(ValueError, match="positive activation_param"):
+        InPlaceABN2d(3, activation="leaky_relu", activation_param=0.0)
+    with pytest.raises(ValueError, match="leaf that requires grad"):
+        InPlaceABN2d(3)(torch.randn(2, 3, 2, 2, requires_grad=True))
+    x = torch.randn(2, 3, 2, 2, requires_grad=True) * 1.0
+    z = InPlaceABN2d(3)(x)
+    z.add_(1)  # changing the saved output invalidates the backward, and autograd says so
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
+def test_exported_from_the_package():
+    assert batchnorm.InPlaceABN2d is InPlaceABN2d
