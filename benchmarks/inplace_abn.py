@@ -1,0 +1,175 @@
+"""CPU benchmark: memory and time of a ResNet-50 training step with in-place ABN.
+
+Three versions of torchvision's resnet50 (untrained, 10 classes), trained with SGD on one
+batch: torch.nn's ``BatchNorm2d`` + ``ReLU(inplace=True)`` as torchvision builds it; the same
+with ``LeakyReLU(0.01, inplace=True)``; and ``batchnorm.InPlaceABN2d`` (leaky ReLU 0.01) for
+every BN followed by an activation (the stem and the first two of each bottleneck; the third
+BN of a bottleneck feeds the residual add and stays a ``BatchNorm2d``).
+
+Peak memory is how far the process's resident memory rises above its level before one
+training step (forward, backward, SGD update), in a fresh process per version whose C
+allocator maps every large tensor on its own (``MALLOC_MMAP_THRESHOLD_``), so that resident
+memory follows the tensors alive (Linux). Step time is the median
+of ``--steps`` steps after a warm-up, the three versions taking turns, in each of
+``--processes`` fresh processes, then the median over them.
+
+Run from the repository root (about two minutes on 2 cores)::
+
+    python benchmarks/inplace_abn.py          # writes benchmarks/results/inplace_abn.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSIONS = ("BN + ReLU", "BN + LeakyReLU", "InPlaceABN")
+SHAPE = (16, 3, 160, 160)
+
+
+def _bottleneck_forward(self, x):
+    identity = x
+    out = self.abn1(self.conv1(x))
+    out = self.abn2(self.conv2(out))
+    out = self.bn3(self.conv3(out))
+    if self.downsample is not None:
+        identity = self.downsample(x)
+    out += identity
+    return self.relu(out)
+
+
+def build(version: str):
+    import torch
+
+    import batchnorm
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import vision_models  # torchvision beside a CPU-only torch
+
+    torch.manual_seed(0)
+    model = vision_models.torchvision().models.resnet50(num_classes=10)
+    if version == "BN + LeakyReLU":
+        for module in model.modules():
+            for name, child in module.named_children():
+                if isinstance(child, torch.nn.ReLU):
+                    setattr(module, name, torch.nn.LeakyReLU(0.01, inplace=True))
+    elif version == "InPlaceABN":
+        def abn(bn):
+            layer = batchnorm.InPlaceABN2d(bn.num_features, activation="leaky_relu",
+                                           activation_param=0.01)
+            layer.load_state_dict(bn.state_dict())
+            return layer
+        model.bn1, model.relu = abn(model.bn1), torch.nn.Identity()
+        for module in model.modules():
+            if type(module).__name__ == "Bottleneck":
+                module.abn1, module.abn2 = abn(module.bn1), abn(module.bn2)
+                del module.bn1, module.bn2
+                module.forward = types.MethodType(_bottleneck_forward, module)
+    return model
+
+
+def _step_function(model):
+    import torch
+
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    target = torch.arange(SHAPE[0]) % 10
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return step
+
+
+def peak_bytes(version: str) -> int:
+    """How far this process's resident memory rose above its level before one step (the
+    first: forward, backward, the gradients' allocation and the update), in bytes.
+
+    Run with ``MALLOC_MMAP_THRESHOLD_`` fixed (``_fresh`` does), so that every large tensor is
+    its own mapping, given back to the system when freed: resident memory then follows the
+    tensors alive, and its peak (``ru_maxrss``) is theirs.
+    """
+    import gc
+    import os
+    import resource
+
+    step = _step_function(build(version))
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        before = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def step_times(steps: int) -> dict:
+    runs = {v: _step_function(build(v)) for v in VERSIONS}
+    for step in runs.values():
+        step()
+    times = {v: [] for v in VERSIONS}
+    for _ in range(steps):
+        for version, step in runs.items():
+            start = time.perf_counter()
+            step()
+            times[version].append(time.perf_counter() - start)
+    return {v: float(np.median(t)) for v, t in times.items()}
+
+
+def _fresh(call: str):
+    code = (f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmarks')!r}]"
+            f"\nimport inplace_abn\nprint(json.dumps(inplace_abn.{call}))\n")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per version")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes for time")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inplace_abn.md")
+    raw_args = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(raw_args)
+    peaks = {v: _fresh(f"peak_bytes({v!r})") for v in VERSIONS}
+    runs = [_fresh(f"step_times({args.steps})") for _ in range(args.processes)]
+    times = {v: float(np.median([r[v] for r in runs])) for v in VERSIONS}
+    import cpu as cpu_benchmark
+
+    info = cpu_benchmark.machine()
+    base = "BN + ReLU"
+    lines = ["# CPU benchmark: ResNet-50 training step memory with in-place ABN", "",
+             f"- machine: {info['cpu']}, {info['cores']} CPUs",
+             f"- versions: {cpu_benchmark.versions()}",
+             f"- checkout: {cpu_benchmark.checkout(ROOT)}",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+             f"- command: `{' '.join(['python', 'benchmarks/inplace_abn.py', *raw_args])}`",
+             f"- torchvision resnet50, batch {SHAPE[0]} at {SHAPE[2]}x{SHAPE[3]}, float32, SGD; "
+             "peak = the rise of resident memory during the first step above its level before "
+             "(ru_maxrss, large tensors mapped on their own, a fresh process each); "
+             "time = median of "
+             f"{args.steps} interleaved steps, median over {args.processes} fresh processes",
+             "", f"| version | peak MB | vs {base} | step s | vs {base} |", "|---|---|---|---|---|"]
+    for v in VERSIONS:
+        lines.append(f"| {v} | {peaks[v] / 2**20:.0f} | {peaks[v] / peaks[base]:.2f}x | "
+                     f"{times[v]:.2f} | {times[v] / times[base]:.2f}x |")
+    lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    main()
