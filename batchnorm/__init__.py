@@ -18,7 +18,7 @@ from batchnorm.frozen import (
     FrozenBatchNormAct3d,
 )
 from batchnorm.fused import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, Epilogue
-from batchnorm.inplace_abn import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d
+from batchnorm.inplace_abn import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, SyncInPlaceABN
 from batchnorm.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -35,9 +35,8 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d",
     "BatchNormAct3d", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "Epilogue",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormAct1d",
-    "FrozenBatchNormAct2d", "FrozenBatchNormAct3d", "InPlaceABN1d", "InPlaceABN2d",
-    "InPlaceABN3d", "LazyBatchNorm1d", "LazyBatchNorm2d",
-    "LazyBatchNorm3d", "SyncBatchNorm", "SyncBatchNormAct", "convert", "fold", "freeze",
-    "functional", "recalibrate", "reference",
+    "FrozenBatchNormAct2d", "FrozenBatchNormAct3d", "InPlaceABN1d", "InPlaceABN2d", "InPlaceABN3d",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "SyncBatchNorm", "SyncBatchNormAct",
+    "SyncInPlaceABN", "convert", "fold", "freeze", "functional", "recalibrate", "reference",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ that requires grad. Statistics, running estimates and their non-finite guard are
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from batchnorm import functional as F
@@ -49,18 +50,25 @@ def _check_activation(activation: str, param: float) -> None:
 class _InPlaceABN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, counter, training, momentum,
-                eps, activation, param):
+                eps, activation, param, group):
         acc = eager.acc_dtype(x.dtype)
         dims = (0, *range(2, x.dim()))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         channels = x.shape[1]
+        m = x.numel() // channels
         if training:
             xs = x.detach().to(acc)
-            mean = xs.mean(dims)
-            var = (xs - mean.view(shape)).square().mean(dims)
+            total = xs.sum(dims)
+            if group is not None:  # the batch of every process of the group (SyncBatchNorm)
+                total, m = _summed_with_count(x, total, m, group)
+            mean = total / m
+            squares = (xs - mean.view(shape)).square().sum(dims)
+            if group is not None:
+                dist.all_reduce(squares, group=group)
+            var = squares / m
             if running_mean is not None:
-                eager.update_running_stats(running_mean, running_var, counter, mean, var,
-                                           x.numel() // channels, momentum)
+                eager.update_running_stats(running_mean, running_var, counter, mean, var, m,
+                                           momentum)
         else:
             mean, var = running_mean.to(acc), running_var.to(acc)
         rstd = torch.rsqrt(var + eps)
@@ -76,13 +84,14 @@ class _InPlaceABN(torch.autograd.Function):
             torch.nn.functional.elu_(x, param)
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight, scale, shift, rstd)
-        ctx.config = training, activation, param, x.dtype, None if bias is None else bias.dtype
+        ctx.config = (training, activation, param, x.dtype,
+                      None if bias is None else bias.dtype, group, m)
         return x
 
     @staticmethod
     def backward(ctx, dz):
         z, weight, scale, shift, rstd = ctx.saved_tensors
-        training, activation, param, x_dtype, bias_dtype = ctx.config
+        training, activation, param, x_dtype, bias_dtype, group, m = ctx.config
         acc = rstd.dtype
         dims = (0, *range(2, z.dim()))
         shape = (1, -1) + (1,) * (z.dim() - 2)
@@ -97,13 +106,17 @@ class _InPlaceABN(torch.autograd.Function):
         else:
             y, dy = z, dz
         x_hat = (y - shift.view(shape)) / scale.view(shape)
-        sum_dy, sum_dy_x_hat = dy.sum(dims), (dy * x_hat).sum(dims)
-        dx = None
+        sum_dy, sum_dy_x_hat = dy.sum(dims), (dy * x_hat).sum(dims)  # this process's: the
+        dx = None                                                     # parameters' gradients
         if ctx.needs_input_grad[0]:
             coef = (scale * rstd).view(shape)
             if training:
-                m = z.numel() // z.shape[1]
-                dx = coef * (dy - (sum_dy / m).view(shape) - x_hat * (sum_dy_x_hat / m).view(shape))
+                sums = torch.cat((sum_dy, sum_dy_x_hat))
+                if group is not None:  # the means are over the group's whole batch
+                    sums = sums.clone()
+                    dist.all_reduce(sums, group=group)
+                mean_dy, mean_dy_x_hat = (sums / m).view(2, *shape)
+                dx = coef * (dy - mean_dy - x_hat * mean_dy_x_hat)
             else:
                 dx = coef * dy
             dx = dx.to(x_dtype)
@@ -111,19 +124,36 @@ class _InPlaceABN(torch.autograd.Function):
             if weight is not None and ctx.needs_input_grad[1] else None
         dbias = sum_dy.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] \
             else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+
+
+def _summed_with_count(x: Tensor, total: Tensor, m: int, group) -> tuple[Tensor, int]:
+    """The per-channel sums and the count over the group, after its processes agree on
+    ``x``'s channels and dtype."""
+    from batchnorm._seams import _agree
+
+    _agree(group, x)
+    both = torch.cat((total, total.new_tensor([m])))
+    dist.all_reduce(both, group=group)
+    m = int(both[-1])
+    if m < 2:
+        raise ValueError(f"the group's batch has {m} value(s) per channel; training needs at "
+                         "least 2 for a variance")
+    return both[:-1], m
 
 
 def inplace_abn(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                 weight: Tensor | None = None, bias: Tensor | None = None,
                 training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
                 activation: str = "leaky_relu", activation_param: float = 0.01, *,
-                num_batches_tracked: Tensor | None = None) -> Tensor:
+                num_batches_tracked: Tensor | None = None, process_group=None) -> Tensor:
     """``act(BatchNorm(input))`` written over ``input``, keeping only the result for backward.
 
     The arguments are those of ``batchnorm.functional.batch_norm``, with the scale
     ``|weight| + eps``; ``activation`` is ``"leaky_relu"`` (slope ``activation_param``),
-    ``"elu"`` (alpha ``activation_param``) or ``"identity"``. Returns ``input`` itself.
+    ``"elu"`` (alpha ``activation_param``) or ``"identity"``; in training, ``process_group``
+    takes the statistics (and the input gradient's means) over the batch of every process of
+    a ``torch.distributed`` group, as ``SyncBatchNorm``. Returns ``input`` itself.
 
     >>> x = torch.tensor([[-1.0], [1.0], [3.0]])
     >>> inplace_abn(x, None, None, training=True, eps=1e-12, activation="identity") is x
@@ -133,13 +163,14 @@ def inplace_abn(input: Tensor, running_mean: Tensor | None, running_var: Tensor 
     """
     _check_activation(activation, activation_param)
     momentum, eps = F._check(input, running_mean, running_var, weight, bias, training,
-                             momentum, eps, num_batches_tracked, None, None, None, None, None)
+                             momentum, eps, num_batches_tracked, None, None,
+                             process_group if training else None, None, None)
     if input.is_leaf and input.requires_grad:
         raise ValueError("inplace_abn overwrites its input, which is a leaf that requires "
                          "grad; pass the output of an earlier layer, or input.clone()")
     return _InPlaceABN.apply(input, weight, bias, running_mean, running_var,
                              num_batches_tracked, training, momentum, eps, activation,
-                             float(activation_param))
+                             float(activation_param), process_group if training else None)
 
 
 class _InPlaceABNLayer(_BatchNorm):
@@ -155,6 +186,7 @@ class _InPlaceABNLayer(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
+        group = self._group() if self.training else None
         training = self.training or (self.running_mean is None and self.running_var is None)
         tracked = not self.training or self.track_running_stats
         return inplace_abn(input, self.running_mean if tracked else None,
@@ -162,7 +194,11 @@ class _InPlaceABNLayer(_BatchNorm):
                            training, self.momentum, self.eps, self.inplace_activation,
                            self.activation_param,
                            num_batches_tracked=self.num_batches_tracked
-                           if self.training and self.track_running_stats else None)
+                           if self.training and self.track_running_stats else None,
+                           process_group=group)
+
+    def _group(self):
+        return None
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, activation={self.inplace_activation!r}, "
@@ -193,3 +229,23 @@ class InPlaceABN3d(_InPlaceABNLayer):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
+
+
+class SyncInPlaceABN(_InPlaceABNLayer):
+    """In-place ABN with statistics over a ``torch.distributed`` group, as ``SyncBatchNorm``:
+    any input of rank >= 2; ``process_group=None`` for the default group. A single process
+    (or none initialized) is plain in-place ABN."""
+
+    def __init__(self, num_features: int, *args, process_group=None, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _group(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None

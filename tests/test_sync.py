@@ -291,3 +291,31 @@ def _masked_job(rank: int, world: int, init: str) -> None:
 
 def test_masks_merge_their_counts_across_ranks(tmp_path):
     _spawn(_masked_job, 2, tmp_path)
+
+
+def _inplace_abn_job(rank: int, world: int, init: str) -> None:
+    _init_with_timeout(rank, world, init)
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1
+        dz = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        mine = slice(0, 2) if rank == 0 else slice(2, 5)  # uneven
+        layer = batchnorm.SyncInPlaceABN(3, activation="elu", activation_param=1.0).double()
+        reference = batchnorm.InPlaceABN2d(3, activation="elu", activation_param=1.0).double()
+        xr = x[mine].clone().requires_grad_()
+        z = layer(xr * 1.0)
+        whole = x.clone().requires_grad_()
+        expected = reference(whole * 1.0)
+        dx_whole = torch.autograd.grad(expected, whole, dz)[0]
+        assert_close(z, expected[mine].detach())
+        xr2 = x[mine].clone().requires_grad_()
+        layer2 = batchnorm.SyncInPlaceABN(3, activation="elu", activation_param=1.0).double()
+        assert_close(torch.autograd.grad(layer2(xr2 * 1.0), xr2, dz[mine])[0], dx_whole[mine])
+        for key, value in reference.state_dict().items():
+            assert_close(layer.state_dict()[key].double(), value.double(), msg=key)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_inplace_abn_is_in_place_abn_over_the_whole_batch(tmp_path):
+    _spawn(_inplace_abn_job, 2, tmp_path)
