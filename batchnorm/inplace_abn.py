@@ -56,16 +56,18 @@ class _InPlaceABN(torch.autograd.Function):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         channels = x.shape[1]
         m = x.numel() // channels
-        if training:
+        if training and group is None:
+            var, mean = torch.var_mean(x.detach().to(acc), dims, correction=0)
+        elif training:
             xs = x.detach().to(acc)
-            total = xs.sum(dims)
-            if group is not None:  # the batch of every process of the group (SyncBatchNorm)
-                total, m = _summed_with_count(x, total, m, group)
+            # The batch of every process of the group (SyncBatchNorm): sums, then the mean's
+            # squared deviations, each added over the group.
+            total, m = _summed_with_count(x, xs.sum(dims), m, group)
             mean = total / m
             squares = (xs - mean.view(shape)).square().sum(dims)
-            if group is not None:
-                dist.all_reduce(squares, group=group)
+            dist.all_reduce(squares, group=group)
             var = squares / m
+        if training:
             if running_mean is not None:
                 eager.update_running_stats(running_mean, running_var, counter, mean, var, m,
                                            momentum)
@@ -75,22 +77,22 @@ class _InPlaceABN(torch.autograd.Function):
         scale = (weight.detach().abs().to(acc) + eps) if weight is not None else \
             torch.ones(channels, dtype=acc, device=x.device)
         shift = bias.detach().to(acc) if bias is not None else torch.zeros_like(scale)
-        # y = (x - mean) * rstd * scale + shift, written over x, then the activation.
-        x.sub_(mean.view(shape).to(x.dtype)).mul_((rstd * scale).view(shape).to(x.dtype))
-        x.add_(shift.view(shape).to(x.dtype))
+        # y = (x - mean) * rstd * scale + shift = x * a + b, written over x, then the activation.
+        a = rstd * scale
+        x.mul_(a.view(shape).to(x.dtype)).add_((shift - mean * a).view(shape).to(x.dtype))
         if activation == "leaky_relu":
             torch.nn.functional.leaky_relu_(x, param)
         elif activation == "elu":
             torch.nn.functional.elu_(x, param)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(x, weight, scale, shift, rstd)
+        ctx.save_for_backward(x, weight, scale, shift, rstd, mean)
         ctx.config = (training, activation, param, x.dtype,
                       None if bias is None else bias.dtype, group, m)
         return x
 
     @staticmethod
     def backward(ctx, dz):
-        z, weight, scale, shift, rstd = ctx.saved_tensors
+        z, weight, scale, shift, rstd, mean = ctx.saved_tensors
         training, activation, param, x_dtype, bias_dtype, group, m = ctx.config
         acc = rstd.dtype
         dims = (0, *range(2, z.dim()))
@@ -105,6 +107,19 @@ class _InPlaceABN(torch.autograd.Function):
             dy = torch.where(positive, dz, dz * (z + param))
         else:
             y, dy = z, dz
+        if group is None and x_dtype in (torch.float32, torch.float64):
+            # torch's own batch-norm backward, on the input rebuilt from y for the moment:
+            # x = (y - shift) / (scale * rstd) + mean.
+            a = (scale * rstd).reciprocal()
+            x = torch.addcmul((mean - shift * a).view(shape), y, a.view(shape))
+            dx, dscale, dshift = torch.ops.aten.native_batch_norm_backward(
+                dy, x, scale, mean, rstd.square().reciprocal(), mean, rstd, training, 0.0,
+                [ctx.needs_input_grad[0], weight is not None, bias_dtype is not None])
+            dweight = (dscale * torch.sign(weight.detach().to(acc))).to(weight.dtype) \
+                if weight is not None and ctx.needs_input_grad[1] else None
+            dbias = dshift.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] \
+                else None
+            return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
         x_hat = (y - shift.view(shape)) / scale.view(shape)
         sum_dy, sum_dy_x_hat = dy.sum(dims), (dy * x_hat).sum(dims)  # this process's: the
         dx = None                                                     # parameters' gradients
