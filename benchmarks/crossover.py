@@ -4,7 +4,8 @@
 (``batchnorm.kernels.CROSSOVER``). This times both through ``batchnorm.BatchNorm2d`` with
 ``$BATCHNORM_BACKEND`` forcing each, in interleaved rounds: training forward + backward (the
 gradients of input, weight and bias) and inference forward, float32, both memory layouts,
-``N = 16`` and ``C`` of 64 and 256 with square ``H = W`` from 1 to 128 (up to 16M elements),
+``N = 16`` and ``C`` of 64 and 256 with square ``H = W`` from 1 to 128 (1, 2, 4, 8, 12, 16,
+24, ...; up to 16M elements),
 and ``BatchNorm1d(1024)`` on ``(N, 1024)``, in ``--processes`` fresh processes (medians of
 medians). The crossover of a mode and a layout class (channel dim outermost within a sample,
 as NCHW; or innermost, as channels-last and ``(N, C)``) is the smallest size from which numba
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [(16, c, hw, hw) for c in (64, 256) for hw in (1, 2, 4, 8, 16, 32, 64, 128)
+CASES = [(16, c, hw, hw) for c in (64, 256) for hw in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
          if c * hw * hw * 16 <= 1 << 24]
 FLAT = [(n, 1024) for n in (16, 64, 256, 1024, 4096, 16384)]  # BatchNorm1d on (N, C)
 LAYOUTS = ("nchw", "channels_last")

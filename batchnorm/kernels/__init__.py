@@ -58,13 +58,14 @@ _EXTRAS = {"numba": "pip install numba", "triton": "pip install triton"}
 # The CPU values are the crossovers that ``benchmarks/crossover.py`` measured on a 2-core VM
 # (``benchmarks/results/crossover.md``): the smallest size from which numba won every case of
 # that size and every larger one. In inference torch's op wins up to 4M elements and numba
-# from the next size measured, 16M, where torch's fresh outputs start to fault in new pages.
+# from the next size measured, 9M (36 MB in float32), where torch's fresh outputs start to
+# fault in new pages.
 # No GPU measurement exists yet: on CUDA about 450 us of host time per training step was
 # measured for the Triton path with its kernels stubbed out, so it is predicted to lose to
 # torch's cuDNN/native kernels below about 100 MB a call; ``benchmarks/gpu.py`` measures.
 CROSSOVER = {
     ("numba", True, "contiguous"): 1 << 20, ("numba", True, "channels_last"): 1 << 22,
-    ("numba", False, "contiguous"): 1 << 24, ("numba", False, "channels_last"): 1 << 24,
+    ("numba", False, "contiguous"): 9 << 20, ("numba", False, "channels_last"): 9 << 20,
     ("triton", True, "contiguous"): 1 << 25, ("triton", True, "channels_last"): 1 << 25,
     ("triton", False, "contiguous"): 1 << 25, ("triton", False, "channels_last"): 1 << 25,
 }
