@@ -72,7 +72,9 @@ class _InPlaceABN(torch.autograd.Function):
                 eager.update_running_stats(running_mean, running_var, counter, mean, var, m,
                                            momentum)
         else:
-            mean, var = running_mean.to(acc), running_var.to(acc)
+            # Copies: a later training step moves the running estimates in place, which must
+            # not change this call's backward.
+            mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
         rstd = torch.rsqrt(var + eps)
         scale = (weight.detach().abs().to(acc) + eps) if weight is not None else \
             torch.ones(channels, dtype=acc, device=x.device)

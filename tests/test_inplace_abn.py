@@ -113,3 +113,15 @@ def test_refusals():
 
 def test_exported_from_the_package():
     assert batchnorm.InPlaceABN2d is InPlaceABN2d
+
+
+def test_an_eval_call_keeps_its_own_statistics_for_backward():
+    layer = InPlaceABN2d(3).double().eval()
+    source = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    z = layer(source * 1.0)
+    expected = _reference(source, layer, False)
+    layer.train()
+    layer(torch.randn(4, 3, 4, 4, dtype=torch.float64))  # moves the running estimates
+    dz = torch.randn_like(z)
+    assert_close(torch.autograd.grad(z, source, dz)[0],
+                 torch.autograd.grad(expected, source, dz)[0])
