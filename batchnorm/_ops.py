@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from batchnorm.kernels import (
-    as_ncl,  # noqa: F401  (used here and by the callers of _ops)
+from batchnorm.kernels import (  # noqa: F401  (as_ncl: used here and by the callers of _ops)
+    _ncl,
+    as_ncl,
     eager,
 )
 from batchnorm.kernels import backend as _backend
@@ -30,10 +31,6 @@ def from_ncl(t3: Tensor, x: Tensor) -> Tensor:
 def like_layout(t: Tensor, x: Tensor) -> Tensor:
     """``t`` with the strides of ``x`` (gradients can arrive in any layout, even expanded)."""
     return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
-
-
-def _ncl(t: Tensor | None) -> Tensor | None:
-    return None if t is None else as_ncl(t)
 
 
 def _none() -> Tensor:

@@ -255,9 +255,8 @@ def layer_call(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
                 and 0 not in running_mean.stride() and 0 not in running_var.stride()):
             return None
     try:
-        if not training:  # native.infer, less the flag's Python property (dynamo's, not here)
-            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                    torch._C._get_cudnn_enabled())
+        if not training:
+            return native.infer(x, weight, bias, running_mean, running_var, eps)
         return native.train(x, weight, bias, running_mean, running_var, counter, momentum, eps)
     except RuntimeError:
         return None

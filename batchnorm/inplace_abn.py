@@ -203,16 +203,11 @@ class _InPlaceABNLayer(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_channels(input)
-        group = self._group() if self.training else None
-        training = self.training or (self.running_mean is None and self.running_var is None)
-        tracked = not self.training or self.track_running_stats
-        return inplace_abn(input, self.running_mean if tracked else None,
-                           self.running_var if tracked else None, self.weight, self.bias,
-                           training, self.momentum, self.eps, self.inplace_activation,
-                           self.activation_param,
-                           num_batches_tracked=self.num_batches_tracked
-                           if self.training and self.track_running_stats else None,
-                           process_group=group)
+        use_batch_stats, running_mean, running_var, counter = self._statistics()
+        return inplace_abn(input, running_mean, running_var, self.weight, self.bias,
+                           use_batch_stats, self.momentum, self.eps, self.inplace_activation,
+                           self.activation_param, num_batches_tracked=counter,
+                           process_group=self._group() if self.training else None)
 
     def _group(self):
         return None

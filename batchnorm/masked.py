@@ -36,8 +36,9 @@ def check_mask(mask, x: Tensor, training: bool, process_group) -> None:
     if tuple(mask.shape) != expected or mask.device != x.device:
         raise ValueError(f"mask must have the input's shape without the channel dim, "
                          f"{expected}, on {x.device}; got {tuple(mask.shape)} on {mask.device}")
-    if training and process_group is None and int(mask.sum()) < 2:
-        raise ValueError(f"the mask counts {int(mask.sum())} value(s) per channel, but training "
+    counted = int(mask.sum()) if training and process_group is None else 2
+    if counted < 2:
+        raise ValueError(f"the mask counts {counted} value(s) per channel, but training "
                          "needs at least 2 for a variance; unmask more positions, or call "
                          ".eval() to use the running statistics")
 

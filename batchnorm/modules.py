@@ -171,13 +171,7 @@ class _BatchNorm(_NormBase):
 
     def _normalize(self, input: Tensor, residual: Tensor | None = None,
                    mask: Tensor | None = None) -> Tensor:
-        training, running_mean, running_var = self.training, self.running_mean, self.running_var
-        # Batch statistics in training, and in inference when there are no running ones.
-        use_batch_stats = training or (running_mean is None and running_var is None)
-        if training and not self.track_running_stats:
-            running_mean = running_var = counter = None  # tracked: read in eval only
-        else:  # read in inference, updated in training
-            counter = self.num_batches_tracked if training else None
+        use_batch_stats, running_mean, running_var, counter = self._statistics()
         weight, bias = self.weight, self.bias
         if (residual is None and mask is None and self.activation is None
                 and type(self)._seams is _BatchNorm._seams):
@@ -189,7 +183,18 @@ class _BatchNorm(_NormBase):
         return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats,
                             self.momentum, self.eps, num_batches_tracked=counter,
                             activation=self.activation, residual=residual, mask=mask,
-                            **(self._seams() if training else {}))
+                            **(self._seams() if self.training else {}))
+
+    def _statistics(self) -> tuple:
+        """``(use_batch_stats, running_mean, running_var, counter)`` of a call, chosen as torch
+        does: batch statistics in training, and in inference when there are no running ones;
+        running ones read in inference and updated in training when tracked."""
+        training, running_mean, running_var = self.training, self.running_mean, self.running_var
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            return use_batch_stats, None, None, None  # tracked: read in eval only
+        return (use_batch_stats, running_mean, running_var,
+                self.num_batches_tracked if training else None)
 
     def _seams(self) -> dict:
         """Keyword arguments of ``batch_norm`` that open its seams in training (the process

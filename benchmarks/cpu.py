@@ -218,6 +218,36 @@ def checkout(path: Path) -> str:
     return commit
 
 
+def fresh(module: str, call: str, env: dict | None = None):
+    """``module.call`` (a Python expression on a module of ``benchmarks/``) evaluated in a
+    fresh process that imports the package from this checkout: its result, passed as JSON."""
+    root = Path(__file__).resolve().parents[1]
+    code = (f"import sys, json; sys.path[:0] = [{str(root)!r}, {str(root / 'benchmarks')!r}]"
+            f"\nimport {module}\nprint(json.dumps({module}.{call}))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def header(title: str, script: str, raw_args: list[str]) -> list[str]:
+    """The opening lines of a results file: what it measures and where, when and how."""
+    info = machine()
+    return [f"# {title}", "",
+            f"- machine: {info['cpu']}, {info['cores']} CPUs",
+            f"- versions: {versions()}",
+            f"- checkout: {checkout(Path(__file__).resolve().parents[1])}",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"- command: `{' '.join(['python', f'benchmarks/{script}', *raw_args])}`"]
+
+
+def write_report(lines: list[str], out: Path) -> None:
+    """Print a results file's lines and write them to ``out``."""
+    text = "\n".join(lines)
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
 def _label(shape, memory_format) -> str:
     return "x".join(map(str, shape)) + ("" if len(shape) == 2 else f" {memory_format}")
 

@@ -19,10 +19,7 @@ Run from the repository root (about two minutes per process on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,25 +98,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="markdown file to write. Default: benchmarks/results/crossover.md")
     raw_args = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw_args)
+    import cpu as cpu_benchmark
+
     runs = []
     for k in range(args.processes):
         print(f"process {k + 1} of {args.processes}", file=sys.stderr)
-        code = (f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmarks')!r}]"
-                f"\nimport crossover\nprint(json.dumps(crossover.measure({args.repeats})))\n")
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                             text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
+        runs.append(cpu_benchmark.fresh("crossover", f"measure({args.repeats})"))
     rows = [dict(r, **{b: float(np.median([run[i][b] for run in runs])) for b in BACKENDS})
             for i, r in enumerate(runs[0])]
-    import cpu as cpu_benchmark
-
-    info = cpu_benchmark.machine()
-    lines = ["# CPU benchmark: numba's kernels against torch's own op, by size", "",
-             f"- machine: {info['cpu']}, {info['cores']} CPUs",
-             f"- versions: {cpu_benchmark.versions()}",
-             f"- checkout: {cpu_benchmark.checkout(ROOT)}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `{' '.join(['python', 'benchmarks/crossover.py', *raw_args])}`",
+    lines = cpu_benchmark.header("CPU benchmark: numba's kernels against torch's own op, by size",
+                                 "crossover.py", raw_args) + [
              f"- BatchNorm2d, float32; microseconds per call, the median of {args.repeats} "
              f"interleaved rounds in each of {args.processes} fresh processes, then the median "
              "over them; train = forward + backward (input, weight and bias gradients), "
@@ -140,10 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"- {where}: numba does not win at every size up to the largest "
                          "measured")
     lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    cpu_benchmark.write_report(lines, args.out)
 
 
 if __name__ == "__main__":

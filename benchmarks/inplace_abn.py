@@ -21,10 +21,7 @@ Run from the repository root (about two minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 import types
@@ -126,12 +123,11 @@ def step_times(steps: int) -> dict:
 
 
 def _fresh(call: str):
-    code = (f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmarks')!r}]"
-            f"\nimport inplace_abn\nprint(json.dumps(inplace_abn.{call}))\n")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    import cpu as cpu_benchmark
+
+    # Every large tensor its own mapping, given back when freed (peak_bytes).
+    return cpu_benchmark.fresh("inplace_abn", call,
+                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,14 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     times = {v: float(np.median([r[v] for r in runs])) for v in VERSIONS}
     import cpu as cpu_benchmark
 
-    info = cpu_benchmark.machine()
     base = "BN + ReLU"
-    lines = ["# CPU benchmark: ResNet-50 training step memory with in-place ABN", "",
-             f"- machine: {info['cpu']}, {info['cores']} CPUs",
-             f"- versions: {cpu_benchmark.versions()}",
-             f"- checkout: {cpu_benchmark.checkout(ROOT)}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `{' '.join(['python', 'benchmarks/inplace_abn.py', *raw_args])}`",
+    lines = cpu_benchmark.header("CPU benchmark: ResNet-50 training step memory with in-place ABN",
+                                 "inplace_abn.py", raw_args) + [
              f"- torchvision resnet50, batch {SHAPE[0]} at {SHAPE[2]}x{SHAPE[3]}, float32, SGD; "
              "peak = the rise of resident memory during the first step above its level before "
              "(ru_maxrss, large tensors mapped on their own, a fresh process each); "
@@ -164,9 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {v} | {peaks[v] / 2**20:.0f} | {peaks[v] / peaks[base]:.2f}x | "
                      f"{times[v]:.2f} | {times[v] / times[base]:.2f}x |")
     lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    args.out.write_text(text)
+    cpu_benchmark.write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,13 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out: directory {args.out.parent} does not exist; create it first")
     import cpu as cpu_benchmark
 
-    info = cpu_benchmark.machine()
-    lines = ["# CPU benchmark: whole models, torch.nn's batch norm against batchnorm's", "",
-             f"- machine: {info['cpu']}, {info['cores']} CPUs",
-             f"- versions: {cpu_benchmark.versions()}",
-             f"- checkout: {cpu_benchmark.checkout(ROOT)}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `{' '.join(['python', 'benchmarks/models.py', *raw_args])}`",
+    lines = cpu_benchmark.header(
+        "CPU benchmark: whole models, torch.nn's batch norm against batchnorm's", "models.py",
+        raw_args) + [
              f"- milliseconds per step, the median of each process's rounds (torch.nn and "
              f"batchnorm taking turns), then the median over {args.processes} fresh processes; "
              "ratio = torch.nn / batchnorm (above 1: batchnorm is faster), with the range over "
@@ -179,12 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for k in range(args.processes):
             print(f"{workload}: process {k + 1} of {args.processes}", file=sys.stderr)
-            code = (f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, "
-                    f"{str(ROOT / 'benchmarks')!r}]\nimport models\n"
-                    f"print(json.dumps(models.measure({workload!r})))\n")
-            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                 text=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
+            runs.append(cpu_benchmark.fresh("models", f"measure({workload!r})"))
         theirs = float(np.median([r["torch.nn"] for r in runs]))
         ours = float(np.median([r["batchnorm"] for r in runs]))
         ratios = [r["torch.nn"] / r["batchnorm"] for r in runs]
@@ -193,9 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{theirs / ours:.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
                      f"{100 * share:.0f}% |")
     lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    args.out.write_text(text)
+    cpu_benchmark.write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,6 @@ Run from the repository root (about 20 seconds per process)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -140,24 +137,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="markdown file to write. Default: benchmarks/results/per_call.md")
     raw_args = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw_args)
+    import cpu as cpu_benchmark
+
     runs = []
     for k in range(args.processes):
         print(f"process {k + 1} of {args.processes}", file=sys.stderr)
-        code = (f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'benchmarks')!r}]"
-                f"\nimport per_call\nprint(json.dumps(per_call.measure({args.repeats})))\n")
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                             text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
-    import cpu as cpu_benchmark
-
-    info = cpu_benchmark.machine()
+        runs.append(cpu_benchmark.fresh("per_call", f"measure({args.repeats})"))
     layers = list(next(iter(runs[0].values())))
-    lines = ["# CPU profile: the cost of one small batch-norm call, layer by layer", "",
-             f"- machine: {info['cpu']}, {info['cores']} CPUs",
-             f"- versions: {cpu_benchmark.versions()}",
-             f"- checkout: {cpu_benchmark.checkout(ROOT)}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `{' '.join(['python', 'benchmarks/per_call.py', *raw_args])}`",
+    lines = cpu_benchmark.header(
+        "CPU profile: the cost of one small batch-norm call, layer by layer", "per_call.py",
+        raw_args) + [
              f"- microseconds per call, the median of {args.repeats} calls after a warm-up in "
              f"each of {args.processes} fresh processes, then the median over them; the layers "
              "are described in the script's docstring", "",
@@ -169,10 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {case} | " + " | ".join(f"{us[layer]:.1f}" for layer in layers)
                      + f" | {ratio:.2f}x |")
     lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    cpu_benchmark.write_report(lines, args.out)
 
 
 if __name__ == "__main__":

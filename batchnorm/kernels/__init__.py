@@ -142,4 +142,5 @@ def as_ncl(t: Tensor) -> Tensor:
 
 
 def _ncl(t: Tensor | None) -> Tensor | None:
+    """``as_ncl`` of ``t``, or ``None``."""
     return None if t is None else as_ncl(t)

@@ -106,5 +106,8 @@ def infer(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     >>> infer(torch.ones(2, 1), None, None, torch.zeros(1), torch.ones(1), 0.0).tolist()
     [[1.0], [1.0]]
     """
-    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                            torch.backends.cudnn.enabled)
+    # The flag's Python property costs more than the call to torch's op on a small input;
+    # dynamo traces only the property.
+    cudnn = (torch.backends.cudnn.enabled if torch.compiler.is_compiling()
+             else torch._C._get_cudnn_enabled())
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, cudnn)
