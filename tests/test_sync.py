@@ -212,9 +212,10 @@ def _init_with_timeout(rank: int, world: int, init: str) -> None:
     import datetime
 
     torch.set_num_threads(1)
-    # A collective that a rank never joins fails after this long instead of hanging forever.
+    # A collective that a rank never joins fails after this long instead of hanging forever;
+    # long enough for a rank that starts late on a loaded 2-core machine.
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=180))
 
 
 def _edges_job(rank: int, world: int, init: str) -> None:
