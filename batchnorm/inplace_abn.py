@@ -2,26 +2,39 @@
 
 In a BN -> activation -> conv sequence, autograd keeps two full tensors for the backward: BN's
 input ``x`` and the activation's output. In-place ABN keeps only the output ``z``: it writes
-``y = gamma' * x_hat + beta`` and ``z = act(y)`` over ``x``'s own memory, and its backward
-gets ``y`` back from ``z`` by inverting the activation, then ``x_hat = (y - beta) / gamma'``,
-so the gradients need neither ``x`` nor ``x_hat``:
+``y = gamma' * x_hat + beta`` and ``z = act(y + residual)`` over ``x``'s own memory, and its
+backward gets ``y`` back from ``z`` by inverting the activation (``y = act^-1(z) -
+residual``), so the gradients need neither ``x`` nor ``x_hat``. With ``x_hat = (y - beta) /
+gamma'``, batch norm's closed-form backward reads::
 
-    dy      = dz * act'(y)
-    dbeta   = sum(dy),        dgamma' = sum(dy * x_hat)
+    dy      = dz * act'(act^-1(z))                      (also the residual's gradient)
+    dbias   = sum(dy),        dgamma' = sum(dy * x_hat)
     dx      = gamma' * rstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))     (training)
     dx      = gamma' * rstd * dy                                             (inference)
+
+which is batch norm's own backward evaluated at the input ``y``, with ``beta`` for the mean,
+``1 / gamma'`` for ``rstd`` (then ``(y - mean) * rstd`` is ``x_hat``) and ``gamma'**2 * rstd``
+for the weight (then ``weight * rstd`` is ``gamma' * rstd``): every backend runs its own
+``backward`` phase (or, across processes, ``grad_sums`` and ``grad_input``) on ``(dy, y)``,
+after its ``invert_activation`` phase (``batchnorm.kernels``).
 
 The activation must be invertible: leaky ReLU with a positive slope, ELU, or the identity
 (plain ReLU loses its negative half; it is refused). So must the affine map: as in the
 paper, the scale is ``gamma' = |gamma| + eps``, never 0, and ``dgamma = dgamma' * sign(gamma)``.
-A layer is thus exactly ``BatchNorm`` with weight ``|gamma| + eps`` followed by the
-activation.
+A layer is thus exactly ``BatchNorm`` with weight ``|gamma| + eps``, plus the residual, then
+the activation.
+
+The residual form, ``z = act(BN(x) + residual)``, is the end of a residual unit (the third BN
+of a ResNet bottleneck, then ``out += identity`` and the activation): it saves the residual
+for the backward, which is no extra memory where the residual is kept anyway (the unit's
+input, saved by its first convolution; or a shortcut's own in-place ABN output).
 
 What a user cannot do: the call overwrites its input, so the input must not be needed
 afterwards (an in-place op on it, or a second use of it, invalidates the gradient; autograd
-says so when it can, through the tensor's version counter). The input must not be a leaf
-that requires grad. Statistics, running estimates and their non-finite guard are those of
-``batchnorm.functional.batch_norm``; everything is torch ops, on every device.
+says so when it can, through the tensor's version counter), nor may the residual change
+before the backward. The input must not be a leaf that requires grad. Statistics, running
+estimates and their non-finite guard are those of ``batchnorm.functional.batch_norm``.
+Double backward and ``torch.func`` transforms are not supported.
 """
 
 from __future__ import annotations
@@ -30,11 +43,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from batchnorm import _seams
 from batchnorm import functional as F
-from batchnorm.kernels import eager
-from batchnorm.modules import _BatchNorm
+from batchnorm._ops import as_ncl, call, like_layout
+from batchnorm.kernels import _ncl, eager, native, resolve
+from batchnorm.kernels import backend as backend_module
+from batchnorm.modules import _BatchNorm, fx_leaf
 
-ACTIVATIONS = ("leaky_relu", "elu", "identity")
+ACTIVATIONS = tuple(a for a in eager.INVERTIBLE if a != "identity") + ("identity",)
 
 
 def _check_activation(activation: str, param: float) -> None:
@@ -47,130 +63,128 @@ def _check_activation(activation: str, param: float) -> None:
                          f"invertible, got {param}")
 
 
+def _native_forward(x, scale, shift, running_mean, running_var, counter, training, momentum,
+                    eps) -> Tensor:
+    """``BN(x)`` (weight ``scale``) written over ``x`` by torch's own op, its running
+    statistics under the guard of ``native.train``; returns ``rstd``."""
+    if training:
+        y, rstd = native.train_saved(x, scale, shift, running_mean, running_var, counter,
+                                     momentum, eps)
+    else:
+        y = native.infer(x, scale, shift, running_mean, running_var, eps)
+        rstd = torch.rsqrt(running_var.to(scale.dtype) + eps)
+    x.copy_(y)
+    return rstd
+
+
+def _phased_statistics(x, running_mean, running_var, counter, training, momentum, eps, name,
+                       group):
+    """``(mean, rstd, center, count)`` of a call from the backend's phases: ``stats`` (merged
+    over ``group``), the running estimates updated in training; ``center`` the pivot the
+    normalization subtracts first (a copy: the input is overwritten)."""
+    acc = eager.acc_dtype(x.dtype)
+    if not training:
+        return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps), None, None
+    count, mean, var = _seams.batch_statistics(x, name, group)
+    m = x.numel() // x.shape[1]
+    if group is not None:
+        m = count
+        if float(count) < 2:
+            raise ValueError(f"the group's batch has {int(count)} value(s) per channel; "
+                             "training needs at least 2 for a variance")
+    if running_mean is not None:
+        call("update_running_stats")(running_mean, running_var, counter, mean, var, m,
+                                     momentum, name)
+    return mean, torch.rsqrt(var + eps), eager.pivot(as_ncl(x)).clone(), count
+
+
 class _InPlaceABN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, counter, training, momentum,
-                eps, activation, param, group):
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, counter, training,
+                momentum, eps, activation, param, group, name):
         acc = eager.acc_dtype(x.dtype)
-        dims = (0, *range(2, x.dim()))
-        shape = (1, -1) + (1,) * (x.dim() - 2)
+        work = F._canonical_layout(x)  # x itself, unless its layout is neither of the two
         channels = x.shape[1]
-        m = x.numel() // channels
-        if training and group is None:
-            var, mean = torch.var_mean(x.detach().to(acc), dims, correction=0)
-        elif training:
-            xs = x.detach().to(acc)
-            # The batch of every process of the group (SyncBatchNorm): sums, then the mean's
-            # squared deviations, each added over the group.
-            total, m = _summed_with_count(x, xs.sum(dims), m, group)
-            mean = total / m
-            squares = (xs - mean.view(shape)).square().sum(dims)
-            dist.all_reduce(squares, group=group)
-            var = squares / m
-        if training:
-            if running_mean is not None:
-                eager.update_running_stats(running_mean, running_var, counter, mean, var, m,
-                                           momentum)
-        else:
-            # Copies: a later training step moves the running estimates in place, which must
-            # not change this call's backward.
-            mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
-        rstd = torch.rsqrt(var + eps)
         scale = (weight.detach().abs().to(acc) + eps) if weight is not None else \
             torch.ones(channels, dtype=acc, device=x.device)
         shift = bias.detach().to(acc) if bias is not None else torch.zeros_like(scale)
-        # y = (x - mean) * rstd * scale + shift = x * a + b, written over x, then the activation.
-        a = rstd * scale
-        x.mul_(a.view(shape).to(x.dtype)).add_((shift - mean * a).view(shape).to(x.dtype))
-        if activation == "leaky_relu":
-            torch.nn.functional.leaky_relu_(x, param)
-        elif activation == "elu":
-            torch.nn.functional.elu_(x, param)
+        x3, residual3 = as_ncl(work), _ncl(None if residual is None else like_layout(residual,
+                                                                                    work))
+        backend = backend_module(name)
+        count = None
+        if name == "native":
+            param_dtype = next((t.dtype for t in (weight, bias, running_mean) if t is not None),
+                               x.dtype)  # one among them (F._takes)
+            if momentum is None and training and running_mean is not None:
+                momentum = 1.0 / (int(counter) + 1)  # the cumulative average, as torch
+            rstd = _native_forward(work, scale.to(param_dtype), shift.to(param_dtype),
+                                   running_mean, running_var, counter, training, momentum, eps)
+        elif training and group is None:  # the backend's fused pass, into x itself
+            _, mean, rstd, var = backend.forward_train(x3, scale, shift, eps, out=x3)
+            if running_mean is not None:
+                call("update_running_stats")(running_mean, running_var, counter, mean, var,
+                                             x3.shape[0] * x3.shape[2], momentum, name)
+        else:
+            mean, rstd, center, count = _phased_statistics(
+                work, running_mean, running_var, counter, training, momentum, eps, name, group)
+            a, b = eager.affine(scale, shift, mean, rstd, center)
+            backend.forward_eval(x3, a.to(acc), b.to(acc), None, False,
+                                 None if center is None else center.to(x.dtype), out=x3)
+        backend.activate(x3, residual3, activation, param)
+        if work is not x:
+            x.copy_(work)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(x, weight, scale, shift, rstd, mean)
-        ctx.config = (training, activation, param, x.dtype,
-                      None if bias is None else bias.dtype, group, m)
+        ctx.save_for_backward(x, weight, scale, shift, rstd.to(acc), residual)
+        ctx.config = (training, activation, param, None if bias is None else bias.dtype,
+                      group, count, name)
         return x
 
     @staticmethod
     def backward(ctx, dz):
-        z, weight, scale, shift, rstd, mean = ctx.saved_tensors
-        training, activation, param, x_dtype, bias_dtype, group, m = ctx.config
-        acc = rstd.dtype
-        dims = (0, *range(2, z.dim()))
-        shape = (1, -1) + (1,) * (z.dim() - 2)
-        z, dz = z.to(acc), dz.to(acc)
-        positive = z >= 0
-        if activation == "leaky_relu":  # y = z / slope below 0; dy/dy' = slope
-            y = torch.where(positive, z, z / param)
-            dy = torch.where(positive, dz, dz * param)
-        elif activation == "elu":  # z = a (e^y - 1) below 0: y = log1p(z / a), dz/dy = z + a
-            y = torch.where(positive, z, torch.log1p(z / param))
-            dy = torch.where(positive, dz, dz * (z + param))
+        z, weight, scale, shift, rstd, residual = ctx.saved_tensors
+        training, activation, param, bias_dtype, group, count, name = ctx.config
+        need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+        z = F._canonical_layout(z)
+        backend = backend_module(name)
+        y3, dy3 = backend.invert_activation(
+            as_ncl(z), as_ncl(like_layout(dz, z)),
+            _ncl(None if residual is None else like_layout(residual, z)), activation, param)
+        # Batch norm's backward at input y: x_hat = (y - shift) / scale (module docstring).
+        mean, inv, gain = shift, scale.reciprocal(), scale * scale * rstd
+        if name == "native" and group is None:
+            y, dy = y3.reshape(z.shape), dy3.reshape(z.shape)
+            dx, s1, s0 = torch.ops.aten.native_batch_norm_backward(
+                dy, y, gain, mean, scale.square(), mean, inv, training, 0.0,
+                [need_dx, True, True])
+        elif group is None:
+            dx, s1, s0, _ = backend.backward(dy3, y3, None, mean, inv, gain, training, need_dx)
         else:
-            y, dy = z, dz
-        if group is None and x_dtype in (torch.float32, torch.float64):
-            # torch's own batch-norm backward, on the input rebuilt from y for the moment:
-            # x = (y - shift) / (scale * rstd) + mean.
-            a = (scale * rstd).reciprocal()
-            x = torch.addcmul((mean - shift * a).view(shape), y, a.view(shape))
-            dx, dscale, dshift = torch.ops.aten.native_batch_norm_backward(
-                dy, x, scale, mean, rstd.square().reciprocal(), mean, rstd, training, 0.0,
-                [ctx.needs_input_grad[0], weight is not None, bias_dtype is not None])
-            dweight = (dscale * torch.sign(weight.detach().to(acc))).to(weight.dtype) \
-                if weight is not None and ctx.needs_input_grad[1] else None
-            dbias = dshift.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] \
-                else None
-            return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
-        x_hat = (y - shift.view(shape)) / scale.view(shape)
-        sum_dy, sum_dy_x_hat = dy.sum(dims), (dy * x_hat).sum(dims)  # this process's: the
-        dx = None                                                     # parameters' gradients
-        if ctx.needs_input_grad[0]:
-            coef = (scale * rstd).view(shape)
-            if training:
-                sums = torch.cat((sum_dy, sum_dy_x_hat))
-                if group is not None:  # the means are over the group's whole batch
-                    sums = sums.clone()
-                    dist.all_reduce(sums, group=group)
-                mean_dy, mean_dy_x_hat = (sums / m).view(2, *shape)
-                dx = coef * (dy - mean_dy - x_hat * mean_dy_x_hat)
-            else:
-                dx = coef * dy
-            dx = dx.to(x_dtype)
-        dweight = (sum_dy_x_hat * torch.sign(weight.detach().to(acc))).to(weight.dtype) \
-            if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = sum_dy.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] \
-            else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
-
-
-def _summed_with_count(x: Tensor, total: Tensor, m: int, group) -> tuple[Tensor, int]:
-    """The per-channel sums and the count over the group, after its processes agree on
-    ``x``'s channels and dtype."""
-    from batchnorm._seams import _agree
-
-    _agree(group, x)
-    both = torch.cat((total, total.new_tensor([m])))
-    dist.all_reduce(both, group=group)
-    m = int(both[-1])
-    if m < 2:
-        raise ValueError(f"the group's batch has {m} value(s) per channel; training needs at "
-                         "least 2 for a variance")
-    return both[:-1], m
+            dx, s1, s0, _ = _seams.backward(dy3, y3, None, mean, inv, gain, count, need_dx,
+                                            False, name, group)
+        dx = dx.reshape(z.shape).to(z.dtype) if need_dx else None
+        dweight = (s1 * torch.sign(weight.detach().to(s1.dtype))).to(weight.dtype) \
+            if need_dw else None
+        dbias = s0.to(bias_dtype) if need_db else None
+        dres = dy3.reshape(z.shape).to(residual.dtype) if need_dres else None
+        return (dx, dweight, dbias, dres) + (None,) * 10
 
 
 def inplace_abn(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                 weight: Tensor | None = None, bias: Tensor | None = None,
                 training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
                 activation: str = "leaky_relu", activation_param: float = 0.01, *,
-                num_batches_tracked: Tensor | None = None, process_group=None) -> Tensor:
-    """``act(BatchNorm(input))`` written over ``input``, keeping only the result for backward.
+                num_batches_tracked: Tensor | None = None, residual: Tensor | None = None,
+                process_group=None, backend: str | None = None) -> Tensor:
+    """``act(BatchNorm(input) + residual)`` written over ``input``, keeping only the result
+    (and the residual) for backward.
 
     The arguments are those of ``batchnorm.functional.batch_norm``, with the scale
     ``|weight| + eps``; ``activation`` is ``"leaky_relu"`` (slope ``activation_param``),
-    ``"elu"`` (alpha ``activation_param``) or ``"identity"``; in training, ``process_group``
-    takes the statistics (and the input gradient's means) over the batch of every process of
-    a ``torch.distributed`` group, as ``SyncBatchNorm``. Returns ``input`` itself.
+    ``"elu"`` (alpha ``activation_param``) or ``"identity"``; ``residual`` (``None`` for none)
+    a tensor of ``input``'s shape and dtype added before the activation, which must not change
+    before the backward; in training, ``process_group`` takes the statistics (and the input
+    gradient's means) over the batch of every process of a ``torch.distributed`` group, as
+    ``SyncBatchNorm``; ``backend`` as for ``batch_norm``. Returns ``input`` itself.
 
     >>> x = torch.tensor([[-1.0], [1.0], [3.0]])
     >>> inplace_abn(x, None, None, training=True, eps=1e-12, activation="identity") is x
@@ -179,15 +193,29 @@ def inplace_abn(input: Tensor, running_mean: Tensor | None, running_var: Tensor 
     [-1.2247, 0.0, 1.2247]
     """
     _check_activation(activation, activation_param)
+    group = process_group if training else None
     momentum, eps = F._check(input, running_mean, running_var, weight, bias, training,
-                             momentum, eps, num_batches_tracked, None, None,
-                             process_group if training else None, None, None)
+                             momentum, eps, num_batches_tracked, None, residual, group, None,
+                             None)
     if input.is_leaf and input.requires_grad:
         raise ValueError("inplace_abn overwrites its input, which is a leaf that requires "
                          "grad; pass the output of an earlier layer, or input.clone()")
-    return _InPlaceABN.apply(input, weight, bias, running_mean, running_var,
+    if residual is not None and residual.untyped_storage().data_ptr() == \
+            input.untyped_storage().data_ptr():
+        raise ValueError("the residual shares memory with the input, which inplace_abn "
+                         "overwrites; pass a residual of its own (e.g. residual.clone())")
+    if input.numel() == 0:
+        name = "eager"
+    else:
+        name = resolve(backend, F._canonical_layout(input), None, False, training)
+        if name == "native" and (group is not None or not F._takes(
+                input, weight, bias, running_mean, running_var)):
+            # The statistics merge between phases, which torch's op lacks; it takes one dtype
+            # for all the per-channel tensors.
+            name = "eager"
+    return _InPlaceABN.apply(input, weight, bias, residual, running_mean, running_var,
                              num_batches_tracked, training, momentum, eps, activation,
-                             float(activation_param), process_group if training else None)
+                             float(activation_param), group, name)
 
 
 class _InPlaceABNLayer(_BatchNorm):
@@ -200,13 +228,17 @@ class _InPlaceABNLayer(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         self.inplace_activation, self.activation_param = activation, activation_param
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``act(BN(input) + residual)`` over ``input``'s memory; ``residual`` optional."""
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf(self, input) if residual is None else fx_leaf(self, input, residual)
         self._check_input_dim(input)
         self._check_channels(input)
         use_batch_stats, running_mean, running_var, counter = self._statistics()
         return inplace_abn(input, running_mean, running_var, self.weight, self.bias,
                            use_batch_stats, self.momentum, self.eps, self.inplace_activation,
                            self.activation_param, num_batches_tracked=counter,
+                           residual=residual,
                            process_group=self._group() if self.training else None)
 
     def _group(self):

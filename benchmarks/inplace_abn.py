@@ -1,19 +1,27 @@
 """CPU benchmark: memory and time of a ResNet-50 training step with in-place ABN.
 
-Three versions of torchvision's resnet50 (untrained, 10 classes), trained with SGD on one
-batch: torch.nn's ``BatchNorm2d`` + ``ReLU(inplace=True)`` as torchvision builds it; the same
-with ``LeakyReLU(0.01, inplace=True)``; and ``batchnorm.InPlaceABN2d`` (leaky ReLU 0.01) for
-every BN followed by an activation (the stem and the first two of each bottleneck; the third
-BN of a bottleneck feeds the residual add and stays a ``BatchNorm2d``).
+Four versions of torchvision's resnet50 (untrained, 10 classes), trained with SGD on one
+batch:
+
+* ``BN + ReLU``: torch.nn's ``BatchNorm2d`` + ``ReLU(inplace=True)``, as torchvision builds it;
+* ``BN + LeakyReLU``: the same with ``LeakyReLU(0.01, inplace=True)``;
+* ``InPlaceABN (pairs)``: ``batchnorm.InPlaceABN2d`` (leaky ReLU 0.01) for every BN that an
+  activation follows (the stem and the first two of each bottleneck); the third BN of a
+  bottleneck, which feeds the residual add, stays a ``BatchNorm2d``;
+* ``InPlaceABN (units)``: every BN an in-place ABN: also the third of each bottleneck in its
+  residual form, ``abn3(conv3(out), identity)`` = ``leaky_relu(BN(conv3(out)) + identity)``
+  over conv3's output, and the shortcut's BN with the identity activation.
 
 Peak memory is how far the process's resident memory rises above its level before one
 training step (forward, backward, SGD update), in a fresh process per version whose C
 allocator maps every large tensor on its own (``MALLOC_MMAP_THRESHOLD_``), so that resident
-memory follows the tensors alive (Linux). Step time is the median
-of ``--steps`` steps after a warm-up, the three versions taking turns, in each of
-``--processes`` fresh processes, then the median over them.
+memory follows the tensors alive (Linux). Every version first loads numba and the compiled
+in-place ABN kernels (a call on a small input), so that library code is not counted as a
+step's memory. Step time is the median
+of ``--steps`` steps after a warm-up, the versions taking turns, in each of ``--processes``
+fresh processes, then the median over them.
 
-Run from the repository root (about two minutes on 2 cores)::
+Run from the repository root (about four minutes on 2 cores)::
 
     python benchmarks/inplace_abn.py          # writes benchmarks/results/inplace_abn.md
 """
@@ -30,11 +38,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-VERSIONS = ("BN + ReLU", "BN + LeakyReLU", "InPlaceABN")
+VERSIONS = ("BN + ReLU", "BN + LeakyReLU", "InPlaceABN (pairs)", "InPlaceABN (units)")
 SHAPE = (16, 3, 160, 160)
 
 
-def _bottleneck_forward(self, x):
+def _pairs_forward(self, x):
     identity = x
     out = self.abn1(self.conv1(x))
     out = self.abn2(self.conv2(out))
@@ -43,6 +51,13 @@ def _bottleneck_forward(self, x):
         identity = self.downsample(x)
     out += identity
     return self.relu(out)
+
+
+def _units_forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.abn1(self.conv1(x))
+    out = self.abn2(self.conv2(out))
+    return self.abn3(self.conv3(out), identity)  # leaky_relu(BN(.) + identity), in place
 
 
 def build(version: str):
@@ -60,18 +75,25 @@ def build(version: str):
             for name, child in module.named_children():
                 if isinstance(child, torch.nn.ReLU):
                     setattr(module, name, torch.nn.LeakyReLU(0.01, inplace=True))
-    elif version == "InPlaceABN":
-        def abn(bn):
-            layer = batchnorm.InPlaceABN2d(bn.num_features, activation="leaky_relu",
+    elif version.startswith("InPlaceABN"):
+        def abn(bn, activation="leaky_relu"):
+            layer = batchnorm.InPlaceABN2d(bn.num_features, activation=activation,
                                            activation_param=0.01)
             layer.load_state_dict(bn.state_dict())
             return layer
+        units = version == "InPlaceABN (units)"
         model.bn1, model.relu = abn(model.bn1), torch.nn.Identity()
         for module in model.modules():
             if type(module).__name__ == "Bottleneck":
                 module.abn1, module.abn2 = abn(module.bn1), abn(module.bn2)
                 del module.bn1, module.bn2
-                module.forward = types.MethodType(_bottleneck_forward, module)
+                if units:
+                    module.abn3 = abn(module.bn3)
+                    del module.bn3
+                    if module.downsample is not None:
+                        module.downsample[1] = abn(module.downsample[1], "identity")
+                forward = _units_forward if units else _pairs_forward
+                module.forward = types.MethodType(forward, module)
     return model
 
 
@@ -89,6 +111,21 @@ def _step_function(model):
     return step
 
 
+def _load_libraries() -> None:
+    """numba and the compiled in-place ABN kernels loaded (from numba's on-disk cache) by a
+    call on a small input, in every version alike: library code, not the step's memory."""
+    import torch
+
+    from batchnorm.inplace_abn import inplace_abn
+    from batchnorm.kernels import numba_backend
+
+    if numba_backend.available():
+        x = torch.randn(4, 8, 6, 6, requires_grad=True)
+        z = inplace_abn(x * 1.0, None, None, training=True, residual=torch.randn(4, 8, 6, 6),
+                        backend="numba")
+        z.sum().backward()
+
+
 def peak_bytes(version: str) -> int:
     """How far this process's resident memory rose above its level before one step (the
     first: forward, backward, the gradients' allocation and the update), in bytes.
@@ -102,6 +139,7 @@ def peak_bytes(version: str) -> int:
     import resource
 
     step = _step_function(build(version))
+    _load_libraries()
     gc.collect()
     with open("/proc/self/statm") as statm:
         before = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -198,3 +198,73 @@ def test_update_running_stats_keeps_everything_for_a_batch_without_statistics(ba
     assert torch.equal(running[0], torch.zeros(3)) and torch.equal(running[1], torch.ones(3))
     assert int(counter) == 5
 
+
+
+def test_forward_eval_into_its_own_input(backend, shape, dtype, layout):
+    """``out=x3`` (in-place ABN): the input's memory takes the output, nothing else moves."""
+    x3, _, (scale, shift, _) = _tensors(shape, dtype, layout)
+    _skip_unless_supported(backend, x3)
+    acc = eager.acc_dtype(dtype)
+    center = eager.pivot(x3).clone()
+    expected = (x3.double() - _per_channel(center)) * _per_channel(scale) + _per_channel(shift)
+    pointer = x3.data_ptr()
+    y3 = backend.forward_eval(x3, scale.to(acc), shift.to(acc), None, False, center, out=x3)
+    assert y3.data_ptr() == pointer and y3.stride() == x3.stride()
+    assert_close(x3, expected, dtype)
+
+
+# The activations of in-place ABN, written out from their definitions in float64.
+ACTIVATIONS = {
+    "leaky_relu": (0.2, lambda u, p: torch.where(u < 0, u * p, u)),
+    "elu": (0.7, lambda u, p: torch.where(u < 0, p * torch.expm1(u), u)),
+    "identity": (0.0, lambda u, p: u),
+}
+
+
+@pytest.fixture(params=list(ACTIVATIONS))
+def activation(request):
+    return request.param
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_activate(backend, shape, dtype, layout, activation, with_residual):
+    x3, dy3, _ = _tensors(shape, dtype, layout)
+    _skip_unless_supported(backend, x3)
+    param, act = ACTIVATIONS[activation]
+    residual3 = dy3 if with_residual else None
+    expected = act(x3.double() + (dy3.double() if with_residual else 0), param)
+    z3 = backend.activate(x3, residual3, activation, param)
+    assert z3 is x3
+    assert_close(z3, expected, dtype)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_invert_activation(backend, shape, dtype, layout, activation, with_residual):
+    """From ``z = act(y + r)`` and ``dz``: ``y`` and ``dy = dz * act'``, by autograd in
+    float64 on the activation itself."""
+    x3, dy3, _ = _tensors(shape, dtype, layout)
+    _skip_unless_supported(backend, x3)
+    param, act = ACTIVATIONS[activation]
+    residual3 = _tensors(shape, dtype, layout, seed=1)[0] if with_residual else None
+    u = x3.double().requires_grad_()
+    z = act(u, param)
+    (grad,) = torch.autograd.grad(z, u, dy3.double())
+    y_truth = u.detach() - (residual3.double() if with_residual else 0)
+    y3, dy = backend.invert_activation(z.detach().to(dtype), dy3, residual3, activation, param)
+    assert y3.dtype == dy.dtype == eager.acc_dtype(dtype) and _same_layout(y3, x3)
+    # z rounded to the dtype, then inverted: y carries z's rounding, times 1/param below 0
+    scale = 1 / param if activation == "leaky_relu" else 1
+    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12)}[dtype]
+    torch.testing.assert_close(y3.double(), y_truth, rtol=rtol * scale, atol=atol * scale * 10)
+    assert_close(dy, grad, dtype)
+
+
+def test_forward_train_into_its_own_input(backend, shape, dtype, layout):
+    x3, _, (weight, bias, _) = _tensors(shape, dtype, layout)
+    _skip_unless_supported(backend, x3)
+    expected, mean, rstd, var = backend.forward_train(x3, weight, bias, 1e-5)
+    pointer = x3.data_ptr()
+    y3, mean2, rstd2, var2 = backend.forward_train(x3, weight, bias, 1e-5, out=x3)
+    assert y3.data_ptr() == pointer
+    for a, b in ((x3, expected), (mean2, mean), (rstd2, rstd), (var2, var)):
+        assert_close(a, b, dtype)

@@ -12,43 +12,106 @@ ACTS = {"leaky_relu": lambda y, p: torch.nn.functional.leaky_relu(y, p),
         "identity": lambda y, p: y}
 
 
-def _reference(x, layer, training):
+def _reference(x, layer, training, residual=None):
     """The ordinary BN + activation, with the layer's tensors and the scale |gamma| + eps."""
     weight = layer.weight.abs() + layer.eps
-    return ACTS[layer.inplace_activation](torch.nn.functional.batch_norm(
+    y = torch.nn.functional.batch_norm(
         x, layer.running_mean.clone(), layer.running_var.clone(), weight, layer.bias,
-        training=training, momentum=layer.momentum, eps=layer.eps), layer.activation_param)
+        training=training, momentum=layer.momentum, eps=layer.eps)
+    if residual is not None:
+        y = y + residual
+    return ACTS[layer.inplace_activation](y, layer.activation_param)
 
 
-@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("leaky_relu", 0.3),
-                                              ("elu", 1.0), ("identity", 0.0)])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_outputs_gradients_and_statistics_match_bn_then_activation(activation, param,
-                                                                   training, channels_last):
-    torch.manual_seed(0)
+def _backends():
+    names = ["eager", "native"]
+    for name in ("numba", "triton"):
+        try:
+            __import__(name)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
+@pytest.fixture(params=_backends())
+def backend(request):
+    if request.param == "triton":
+        import triton_interpreter
+
+        triton_interpreter.backend()
+    return request.param
+
+
+def _layer(activation, param, training):
     layer = InPlaceABN2d(3, activation=activation, activation_param=param).double()
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.7, -1.3, 0.0]))  # a negative and a zero gamma
         layer.bias.copy_(torch.tensor([0.2, -0.1, 0.4]))
         layer.running_mean.normal_()
         layer.running_var.uniform_(0.5, 2)
-    layer.train(training)
-    source = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
-    if channels_last:
-        source = source.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    expected = _reference(source, layer, training)
+    return layer.train(training)
+
+
+@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("leaky_relu", 0.3),
+                                              ("elu", 1.0), ("identity", 0.0)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_outputs_gradients_and_statistics_match_bn_then_activation(
+        backend, activation, param, training, channels_last, with_residual, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_BACKEND", backend)
+    torch.manual_seed(0)
+    layer = _layer(activation, param, training)
+    reference = _layer(activation, param, training)
+    reference.load_state_dict(layer.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    source = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1).contiguous(
+        memory_format=fmt).requires_grad_()
+    residual = torch.randn(4, 3, 5, 5, dtype=torch.float64).contiguous(
+        memory_format=fmt).requires_grad_() if with_residual else None
+    expected = _reference(source, reference, training, residual)
     x = source * 1.0  # a non-leaf, as a conv's output is
-    z = layer(x)
+    z = layer(x, residual)
     assert z.data_ptr() == x.data_ptr()  # written over its input
     assert_close(z, expected)
     dz = torch.randn_like(z)
-    got = torch.autograd.grad(z, (source, layer.weight, layer.bias), dz)
-    want = torch.autograd.grad(expected, (source, layer.weight, layer.bias), dz)
-    for name, a, b in zip(("input", "weight", "bias"), got, want, strict=True):
+    extra = (residual,) if with_residual else ()
+    got = torch.autograd.grad(z, (source, layer.weight, layer.bias, *extra), dz)
+    want = torch.autograd.grad(expected, (source, reference.weight, reference.bias, *extra), dz)
+    for name, a, b in zip(("input", "weight", "bias", "residual"), got, want, strict=False):
         assert_close(a, b, msg=name)
     if training:
         assert int(layer.num_batches_tracked) == 1
+        torch.nn.functional.batch_norm(source.detach(), reference.running_mean,
+                                       reference.running_var, training=True,
+                                       momentum=layer.momentum)
+        assert_close(layer.running_mean, reference.running_mean, msg="running_mean")
+        assert_close(layer.running_var, reference.running_var, msg="running_var")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_on_every_backend_matches_float64_truth(backend, channels_last, monkeypatch):
+    """The backends' own float32 kernels (statistics, in-place normalization, activation and
+    its inverse, backward at y) within float32's tolerance of the float64 layer."""
+    monkeypatch.setenv("BATCHNORM_BACKEND", backend)
+    torch.manual_seed(1)
+    truth = _layer("elu", 0.8, True)
+    layer = _layer("elu", 0.8, True).float()
+    layer.load_state_dict(truth.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    source = (torch.randn(6, 3, 7, 5, dtype=torch.float64) * 3 - 2).contiguous(memory_format=fmt)
+    residual = torch.randn_like(source)
+    x64, x32 = source.clone().requires_grad_(), source.float().requires_grad_()
+    r64, r32 = residual.clone().requires_grad_(), residual.float().requires_grad_()
+    z64, z32 = truth(x64 * 1.0, r64), layer(x32 * 1.0, r32)
+    assert_close(z32, z64, torch.float32)
+    dz = torch.randn_like(z64)
+    for a, b in zip(torch.autograd.grad(z32, (x32, layer.weight, layer.bias, r32), dz.float()),
+                    torch.autograd.grad(z64, (x64, truth.weight, truth.bias, r64), dz),
+                    strict=True):
+        assert_close(a, b, torch.float32)
+    assert_close(layer.running_var, truth.running_var, torch.float32)
 
 
 def test_running_statistics_move_as_batch_norms():

@@ -204,6 +204,21 @@ def test_paths_forward_backward(path, layout, dtype, shape):
     assert_close(dbias, db_true, dtype=_stat_dtype(dtype), msg="dbias")
 
 
+@grid("path", PATHS)
+@layouts
+def test_forward_train_into_its_own_input_on_every_path(path, layout):
+    """``out=x3`` (in-place ABN): the split path's programs must not read an overwritten
+    pivot; every path equals the out-of-place call."""
+    x3, _, _, weight, bias = _make((5, 5, 13), layout, torch.float32, seed=3)
+    config = _small_tiles(torch.float32, path)
+    expected, mean, _, var = bt.forward_train(x3, weight, bias, EPS, config=config)
+    y3, mean2, _, var2 = bt.forward_train(x3, weight, bias, EPS, out=x3, config=config)
+    assert y3.data_ptr() == x3.data_ptr()
+    assert_close(x3, expected, msg=f"y on the {path} path")
+    assert_close(mean2, mean, msg="mean")
+    assert_close(var2, var, msg="var")
+
+
 def test_small_tiles_really_split():
     """The small-tile config cuts these cases into several tiles and split programs."""
     for layout in LAYOUTS:

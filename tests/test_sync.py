@@ -5,6 +5,7 @@ assertion in any rank fails the test with that rank's traceback.
 """
 
 import copy
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +16,7 @@ from tolerances import assert_close
 from torch.nn.parallel import DistributedDataParallel
 
 import batchnorm
+from batchnorm.kernels import numba_backend
 from batchnorm.sync import SyncBatchNorm
 
 # Samples per rank at each training step: uneven, and one rank empty in some step.
@@ -297,23 +299,30 @@ def test_masks_merge_their_counts_across_ranks(tmp_path):
 def _inplace_abn_job(rank: int, world: int, init: str) -> None:
     _init_with_timeout(rank, world, init)
     try:
-        g = torch.Generator().manual_seed(5)
-        x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1
-        dz = torch.randn(x.shape, generator=g, dtype=torch.float64)
-        mine = slice(0, 2) if rank == 0 else slice(2, 5)  # uneven
-        layer = batchnorm.SyncInPlaceABN(3, activation="elu", activation_param=1.0).double()
-        reference = batchnorm.InPlaceABN2d(3, activation="elu", activation_param=1.0).double()
-        xr = x[mine].clone().requires_grad_()
-        z = layer(xr * 1.0)
-        whole = x.clone().requires_grad_()
-        expected = reference(whole * 1.0)
-        dx_whole = torch.autograd.grad(expected, whole, dz)[0]
-        assert_close(z, expected[mine].detach())
-        xr2 = x[mine].clone().requires_grad_()
-        layer2 = batchnorm.SyncInPlaceABN(3, activation="elu", activation_param=1.0).double()
-        assert_close(torch.autograd.grad(layer2(xr2 * 1.0), xr2, dz[mine])[0], dx_whole[mine])
-        for key, value in reference.state_dict().items():
-            assert_close(layer.state_dict()[key].double(), value.double(), msg=key)
+        backends = ["eager"] + (["numba"] if numba_backend.available() else [])
+        for name in backends:  # the phases of each backend, merged over the group
+            os.environ["BATCHNORM_BACKEND"] = name
+            g = torch.Generator().manual_seed(5)
+            x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1
+            residual = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            dz = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            mine = slice(0, 2) if rank == 0 else slice(2, 5)  # uneven
+            layer = batchnorm.SyncInPlaceABN(3, activation="elu", activation_param=1.0).double()
+            reference = batchnorm.InPlaceABN2d(3, activation="elu",
+                                               activation_param=1.0).double()
+            xr, rr = x[mine].clone().requires_grad_(), residual[mine].clone().requires_grad_()
+            z = layer(xr * 1.0, rr)
+            whole, whole_r = x.clone().requires_grad_(), residual.clone().requires_grad_()
+            os.environ["BATCHNORM_BACKEND"] = "eager"
+            expected = reference(whole * 1.0, whole_r)
+            dx_whole, dr_whole = torch.autograd.grad(expected, (whole, whole_r), dz)
+            assert_close(z, expected[mine].detach(), msg=name)
+            os.environ["BATCHNORM_BACKEND"] = name
+            dx, dr = torch.autograd.grad(z, (xr, rr), dz[mine])
+            assert_close(dx, dx_whole[mine], msg=name)
+            assert_close(dr, dr_whole[mine], msg=name)
+            for key, value in reference.state_dict().items():
+                assert_close(layer.state_dict()[key].double(), value.double(), msg=key)
     finally:
         dist.destroy_process_group()
 

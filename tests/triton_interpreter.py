@@ -20,7 +20,7 @@ def backend():
                     f"{np.__version__} (it needs numpy < 2.4): pip install 'numpy<2.4'")
     module = importlib.import_module("batchnorm.kernels.triton_backend")
     if not module.interpreted():
-        for name in ("triton_forward", "triton_backward"):  # helpers first, then users
+        for name in ("triton_forward", "triton_backward", "triton_activation"):  # helpers first
             importlib.reload(importlib.import_module(f"batchnorm.kernels.{name}"))
     return module
 

@@ -13,6 +13,8 @@ phase                      computes (per channel ``c``, over its ``m = N * L`` v
 ``grad_sums``              ``(sum(dz), sum(dz * x_hat))``: ``dbias`` and ``dweight``
 ``grad_input``             ``dx = weight * rstd * (dz - mean_dz - x_hat * mean_dz_x_hat)``
 ``update_running_stats``   the guarded moving averages (a non-finite batch changes nothing)
+``activate``               ``z = act(z + residual)`` in place (in-place ABN's activations)
+``invert_activation``      ``(y, dy)`` back from ``z`` and ``dz`` (in-place ABN's backward)
 =========================  ==============================================================
 
 and, optionally, the fused fast paths ``forward_train`` (``stats`` and ``forward_eval`` in one
@@ -47,7 +49,7 @@ from batchnorm.kernels import eager, native, numba_backend, triton_backend
 
 NAMES = ("auto", "eager", "native", "numba", "triton")
 PHASES = ("stats", "forward_eval", "grad_sums", "grad_input", "update_running_stats",
-          "forward_train", "backward")
+          "activate", "invert_activation", "forward_train", "backward")
 _MODULES = {"eager": eager, "native": native, "numba": numba_backend, "triton": triton_backend}
 _EXTRAS = {"numba": "pip install numba", "triton": "pip install triton"}
 

@@ -26,6 +26,9 @@ import torch
 from torch import Tensor
 
 REDUCE_DIMS = (0, 2)  # the batch and spatial axes of the (N, C, L) view
+# The activations of in-place ABN (``batchnorm.inplace_abn``), invertible for a positive
+# ``param``, by their codes in the compiled kernels.
+INVERTIBLE = {"identity": 0, "leaky_relu": 1, "elu": 2}
 
 
 def available() -> bool:
@@ -156,17 +159,22 @@ def forward_eval(
     residual3: Tensor | None = None,
     relu: bool = False,
     center: Tensor | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Phase ``forward_eval``: ``y = relu((x - center) * scale + shift + residual)``.
 
     The map of :func:`affine`: inference with the running statistics (``center=None``), or the
     normalization of a training batch once its statistics are known (``center`` its pivot).
+    ``out`` (``x3`` itself, for in-place ABN) receives ``y`` when given; ``center`` must then
+    not be a view of it.
     """
     x = x3.to(torch.promote_types(scale.dtype, acc_dtype(x3.dtype)))
     if center is not None:
         x = x - _per_channel(center.to(x.dtype))
     z = x * _per_channel(scale) + _per_channel(shift)
-    return _epilogue(z, residual3, relu, x3.dtype)
+    y = _epilogue(z, residual3, relu, x3.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def _grad_at_affine(dy3: Tensor, y3: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -232,11 +240,14 @@ def forward_train(
     eps: float,
     residual3: Tensor | None = None,
     relu: bool = False,
+    *,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Algorithm 1 in one call: ``stats``, then ``forward_eval`` with the batch's statistics.
 
     ``y = relu(weight * (x - mean) * rstd + bias + residual)``, with ``rstd = 1/sqrt(var + eps)``
-    and the biased batch variance ``var``; the residual and the ReLU are optional.
+    and the biased batch variance ``var``; the residual and the ReLU are optional. ``out``
+    (``x3`` itself, for in-place ABN) receives ``y`` when given.
 
     Returns:
         ``(y3, mean, rstd, var)``: the output in the input's dtype and layout, and the per-channel
@@ -248,7 +259,8 @@ def forward_train(
     z = centered * _per_channel(scale)
     if bias is not None:
         z = z + _per_channel(bias.to(z.dtype))
-    return _epilogue(z, residual3, relu, x3.dtype), mean, rstd, var
+    y = _epilogue(z, residual3, relu, x3.dtype)
+    return (y if out is None else out.copy_(y)), mean, rstd, var
 
 
 def backward(
@@ -331,3 +343,68 @@ def update_running_stats(
     new_var = torch.lerp(running_var, unbiased.to(running_var.dtype), factor)
     running_mean.copy_(torch.where(ok, new_mean, running_mean))
     running_var.copy_(torch.where(ok, new_var, running_var))
+
+
+# --- in-place ABN's activation -----------------------------------------------------------------
+
+def activate(z3: Tensor, residual3: Tensor | None, activation: str, param: float) -> Tensor:
+    """Phase ``activate``: ``z = act(z + residual)`` in place over ``z3``, which it returns.
+
+    ``act`` is one of ``INVERTIBLE``, with ``param > 0``::
+
+        leaky_relu(u) = u if u >= 0 else param * u
+        elu(u)        = u if u >= 0 else param * (exp(u) - 1)
+        identity(u)   = u
+
+    >>> activate(torch.tensor([[[-2.0, 3.0]]]), None, "leaky_relu", 0.5)
+    tensor([[[-1.,  3.]]])
+    """
+    if residual3 is not None:
+        z3.add_(residual3)
+    if activation == "leaky_relu":
+        torch.nn.functional.leaky_relu_(z3, param)
+    elif activation == "elu":
+        torch.nn.functional.elu_(z3, param)
+    return z3
+
+
+def elu_floor(dtype: torch.dtype) -> float:
+    """The least ``z / param`` that ``invert_activation`` takes for an ELU output: ``-1 + eps``.
+
+    ELU saturates: below about ``u = -17`` (float32) ``z`` rounds to ``-param`` exactly and
+    ``u = log1p(-1)`` would be ``-inf``; there ``u`` becomes ``log(eps)`` instead (about -16 in
+    float32, -36 in float64), and the gradient at ``u``, ``dz * (z + param)``, is 0 either way.
+    """
+    return -1.0 + torch.finfo(dtype).eps
+
+
+def invert_activation(z3: Tensor, dz3: Tensor, residual3: Tensor | None, activation: str,
+                      param: float) -> tuple[Tensor, Tensor]:
+    """Phase ``invert_activation``: from ``z = act(y + residual)`` and ``dz``, ``(y, dy)``.
+
+    With ``u = act^-1(z)``: ``y = u - residual`` and ``dy = dz * act'(u)``, which is also the
+    residual's gradient. Where ``z < 0``::
+
+        leaky_relu: u = z / param,          act'(u) = param
+        elu:        u = log1p(z / param),   act'(u) = param * exp(u) = z + param
+
+    and ``u = z``, ``act'(u) = 1`` elsewhere (a NaN stays NaN). Both come back in the
+    accumulation dtype, in ``z3``'s layout.
+
+    >>> y, dy = invert_activation(torch.tensor([[[-1.0, 3.0]]]), torch.ones(1, 1, 2), None,
+    ...                           "leaky_relu", 0.5)
+    >>> y.tolist(), dy.tolist()
+    ([[[-2.0, 3.0]]], [[[0.5, 1.0]]])
+    """
+    acc = acc_dtype(z3.dtype)
+    z, dz = z3.to(acc), dz3.to(acc)
+    below = z < 0
+    if activation == "leaky_relu":
+        u, dy = torch.where(below, z / param, z), torch.where(below, dz * param, dz)
+    elif activation == "elu":
+        u = torch.where(below, torch.log1p((z / param).clamp(min=elu_floor(acc))), z)
+        dy = torch.where(below, dz * (z + param), dz)
+    else:
+        u, dy = z, dz
+    y = u if residual3 is None else u - residual3.to(acc)
+    return y, dy

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from batchnorm.kernels import eager
 from batchnorm.kernels.eager import (  # noqa: F401  (the phases of this backend)
+    activate,
     affine,
     backward,
     forward_eval,
@@ -72,8 +74,17 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     >>> mean.tolist(), var.tolist()
     ([2.0], [2.0])
     """
+    return train_saved(x, weight, bias, running_mean, running_var, counter, momentum, eps)[0]
+
+
+def train_saved(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None, counter: Tensor | None,
+                momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`train`, and the batch's ``1/sqrt(var + eps)`` that torch's op saves for its
+    backward: ``(y, invstd)``."""
     if running_mean is None:
-        return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)[0]
+        y, _, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        return y, invstd
     channels = len(running_mean)
     if x.is_cpu and not torch.compiler.is_compiling():
         kept = torch.cat((running_mean, running_var))
@@ -87,7 +98,7 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
             # only: ``.data`` writes them back without tripping its version check.
             running_mean.data.copy_(kept[:channels])
             running_var.data.copy_(kept[channels:])
-        return y
+        return y, invstd
     updated = torch.cat((running_mean, running_var))  # torch's op updates a copy ...
     y, _, invstd = torch.native_batch_norm(x, weight, bias, updated[:channels],
                                            updated[channels:], True, momentum, eps)
@@ -96,7 +107,7 @@ def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     running_var.copy_(torch.where(finite, updated[channels:], running_var))
     if counter is not None:
         counter.add_(finite.to(counter.dtype))
-    return y
+    return y, invstd
 
 
 def infer(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
@@ -111,3 +122,27 @@ def infer(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     cudnn = (torch.backends.cudnn.enabled if torch.compiler.is_compiling()
              else torch._C._get_cudnn_enabled())
     return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, cudnn)
+
+
+def invert_activation(z3: Tensor, dz3: Tensor, residual3: Tensor | None, activation: str,
+                      param: float) -> tuple[Tensor, Tensor]:
+    """Phase ``invert_activation`` of ``eager.invert_activation`` in torch's own activation
+    kernels: leaky ReLU's inverse is leaky ReLU with slope ``1 / param``, and torch's
+    ``leaky_relu_backward``/``elu_backward`` take the output (``z`` has the sign of ``u``).
+
+    >>> y, dy = invert_activation(torch.tensor([[[-1.0, 3.0]]]), torch.ones(1, 1, 2), None,
+    ...                           "leaky_relu", 0.5)
+    >>> y.tolist(), dy.tolist()
+    ([[[-2.0, 3.0]]], [[[0.5, 1.0]]])
+    """
+    acc = eager.acc_dtype(z3.dtype)
+    z, dz = z3.to(acc), dz3.to(acc)
+    if activation == "leaky_relu":
+        u = torch.nn.functional.leaky_relu(z, 1.0 / param)
+        dy = torch.ops.aten.leaky_relu_backward(dz, z, param, True)
+    elif activation == "elu":
+        u = torch.where(z < 0, torch.log1p((z / param).clamp(min=eager.elu_floor(acc))), z)
+        dy = torch.ops.aten.elu_backward(dz, param, 1.0, 1.0, True, z)
+    else:
+        u, dy = z, dz
+    return (u if residual3 is None else u - residual3.to(acc)), dy

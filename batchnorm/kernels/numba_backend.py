@@ -364,10 +364,14 @@ def forward_train(
     eps: float,
     residual3: Tensor | None = None,
     relu: bool = False,
+    *,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Algorithm 1, fused: ``y = weight * (x - mean) * rstd + bias`` with the batch's
     statistics, as ``eager.forward_train``: ``(y3, mean, rstd, var)``, the statistics in
-    ``x3``'s dtype. ``residual3``/``relu`` must be ``None``/``False`` (see ``supports``).
+    ``x3``'s dtype; ``y3`` into ``out`` when given (``x3`` itself for in-place ABN: every
+    kernel reads a value before it writes its place). ``residual3``/``relu`` must be
+    ``None``/``False`` (see ``supports``).
 
     >>> x3 = torch.tensor([[[1.0, 3.0]], [[5.0, 7.0]]])
     >>> y3, mean, rstd, var = forward_train(x3, None, None, 0.0)
@@ -377,7 +381,7 @@ def forward_train(
     kind = _check(x3, residual3, relu)
     channels = x3.shape[1]
     acc = eager.acc_dtype(x3.dtype)
-    y3 = _empty(x3, kind)
+    y3 = _empty(x3, kind) if out is None else _same_layout(out, x3, "out")
     mean, rstd, var = (torch.empty(channels, dtype=acc) for _ in range(3))
     order, split = plan(x3, kind)
     args = [_array(x3, kind), _per_channel(weight, channels, 1.0),
@@ -395,15 +399,18 @@ def forward_eval(
     residual3: Tensor | None = None,
     relu: bool = False,
     center: Tensor | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Phase ``forward_eval``: ``y = (x - center[c]) * scale[c] + shift[c]``, in ``x3``'s dtype.
+    """Phase ``forward_eval``: ``y = (x - center[c]) * scale[c] + shift[c]``, in ``x3``'s dtype,
+    into ``out`` when given (``x3`` itself for in-place ABN, or a tensor of its layout).
 
     >>> forward_eval(torch.ones(1, 2, 2), torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.0]))
     tensor([[[3., 3.],
              [3., 3.]]])
     """
     kind = _check(x3, residual3, relu)
-    y3 = _empty(x3, kind)
+    y3 = _empty(x3, kind) if out is None else _same_layout(out, x3, "out")
     dtype = _x_dtype(x3)
     channels = x3.shape[1]
     args = (_per_channel(center, channels, 0.0, dtype), _per_channel(scale, channels, 1.0, dtype),
@@ -411,6 +418,73 @@ def forward_eval(
     with _launch(x3.numel()):
         _kernel("forward_eval_" + kind)(_array(x3, kind), *args, _array(y3, kind))
     return y3
+
+
+def _same_layout(t3: Tensor, x3: Tensor, name: str) -> Tensor:
+    if t3.shape != x3.shape or t3.stride() != x3.stride() or t3.dtype != x3.dtype:
+        raise ValueError(f"{name} must have the shape, strides and dtype of the input: got "
+                         f"{tuple(t3.shape)} {t3.stride()} {t3.dtype}, expected "
+                         f"{tuple(x3.shape)} {x3.stride()} {x3.dtype}")
+    return t3
+
+
+def _flat(t3: Tensor) -> np.ndarray:
+    """The memory of a dense ``t3`` (in either loop order) as one 1-D array, in place."""
+    return t3.detach().as_strided((t3.numel(),), (1,)).numpy()
+
+
+def _like(t3: Tensor | None, x3: Tensor) -> Tensor | None:
+    """``t3`` in ``x3``'s exact layout and dtype (itself when it is), for flat kernels."""
+    if t3 is None or (t3.stride() == x3.stride() and t3.dtype == x3.dtype):
+        return t3
+    return torch.empty_like(x3).copy_(t3)
+
+
+def activate(z3: Tensor, residual3: Tensor | None, activation: str, param: float) -> Tensor:
+    """Phase ``activate`` as ``eager.activate``: ``z = act(z + residual)`` in place.
+
+    >>> activate(torch.tensor([[[-2.0, 3.0]]]), None, "leaky_relu", 0.5)
+    tensor([[[-1.,  3.]]])
+    """
+    _check(z3)
+    residual3 = _like(residual3, z3)
+    z = _flat(z3)
+    residual = z[:0] if residual3 is None else _flat(residual3)
+    with _launch(z3.numel()):
+        _activation_kernel("activate")(z, residual, residual3 is not None,
+                                       eager.INVERTIBLE[activation], z.dtype.type(param))
+    return z3
+
+
+def invert_activation(z3: Tensor, dz3: Tensor, residual3: Tensor | None, activation: str,
+                      param: float) -> tuple[Tensor, Tensor]:
+    """Phase ``invert_activation`` as ``eager.invert_activation``: ``(y, dy)`` in ``z3``'s
+    dtype and layout.
+
+    >>> y, dy = invert_activation(torch.tensor([[[-1.0, 3.0]]]), torch.ones(1, 1, 2), None,
+    ...                           "leaky_relu", 0.5)
+    >>> y.tolist(), dy.tolist()
+    ([[[-2.0, 3.0]]], [[[0.5, 1.0]]])
+    """
+    _check(z3)
+    dz3, residual3 = _like(dz3, z3), _like(residual3, z3)
+    # Not from the buffer pool: in-place ABN is there to save memory, and these two live only
+    # through one layer's backward; the pool would keep one pair per layer size.
+    y3, dy3 = torch.empty_like(z3), torch.empty_like(z3)
+    z = _flat(z3)
+    residual = z[:0] if residual3 is None else _flat(residual3)
+    floor = z.dtype.type(eager.elu_floor(z3.dtype))
+    with _launch(z3.numel()):
+        _activation_kernel("invert_activation")(
+            z, _flat(dz3), residual, residual3 is not None, eager.INVERTIBLE[activation],
+            z.dtype.type(param), floor, _flat(y3), _flat(dy3))
+    return y3, dy3
+
+
+def _activation_kernel(name: str):
+    from batchnorm.kernels import numba_activation  # imports numba, on the first call
+
+    return getattr(numba_activation, name)
 
 
 def _no_epilogue(y3: Tensor | None, need_dres: bool) -> None:

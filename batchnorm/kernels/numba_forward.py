@@ -189,7 +189,7 @@ def forward_train_ncl_blocks(x, weight, bias, eps, y, mean, rstd, var, block):
     ([3.5, 5.5, 7.5], [9.25, 9.25, 9.25])
     """
     n_batch, channels, length = x.shape
-    coef = np.empty((2, channels), x.dtype)  # scale, shift rounded to x's dtype
+    coef = np.empty((3, channels), x.dtype)  # pivot, scale, shift in x's dtype
     for j in prange((channels + block - 1) // block):
         c0 = j * block
         c1 = min(c0 + block, channels)
@@ -200,12 +200,13 @@ def forward_train_ncl_blocks(x, weight, bias, eps, y, mean, rstd, var, block):
                 sums[0, c - c0] += t1
                 sums[1, c - c0] += t2
         for c in range(c0, c1):
-            mean[c], var[c], rstd[c], coef[0, c], coef[1, c] = statistics(
+            coef[0, c] = x[0, c, 0]  # kept: y may be x itself (in-place ABN)
+            mean[c], var[c], rstd[c], coef[1, c], coef[2, c] = statistics(
                 sums[0, c - c0], sums[1, c - c0], n_batch * length, np.float64(x[0, c, 0]),
                 weight[c], bias[c], eps)
         for n in range(n_batch):  # the block's slice again, from the cache
             for c in range(c0, c1):
-                affine(x[n, c], x[0, c, 0], coef[0, c], coef[1, c], y[n, c])
+                affine(x[n, c], coef[0, c], coef[1, c], coef[2, c], y[n, c])
 
 
 @njit(**JIT)

@@ -114,6 +114,18 @@ def _matched(t: Tensor | None, x3: Tensor, view: View) -> Tensor | None:
     return _empty_like(x3, t.dtype).copy_(t)
 
 
+def _output(out: Tensor | None, x3: Tensor) -> Tensor:
+    """``out`` when it has ``x3``'s shape, strides and dtype (an error otherwise), or a new
+    tensor that has them."""
+    if out is None:
+        return _empty_like(x3)
+    if out.shape != x3.shape or out.stride() != x3.stride() or out.dtype != x3.dtype:
+        raise ValueError(f"out must have the input's shape, strides and dtype, got "
+                         f"{tuple(out.shape)} {out.stride()} {out.dtype} for {tuple(x3.shape)} "
+                         f"{x3.stride()} {x3.dtype}")
+    return out
+
+
 def _vector(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
@@ -159,9 +171,11 @@ def stats(x3: Tensor, *, config: Config | None = None) -> tuple[int, Tensor, Ten
 
 def forward_train(
     x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-    residual3: Tensor | None = None, relu: bool = False, *, config: Config | None = None,
+    residual3: Tensor | None = None, relu: bool = False, *, out: Tensor | None = None,
+    config: Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Algorithm 1, fused, as ``eager.forward_train``: ``(y3, mean, rstd, var)``.
+    """Algorithm 1, fused, as ``eager.forward_train``: ``(y3, mean, rstd, var)``; ``y3`` into
+    ``out`` when given (``x3`` itself for in-place ABN).
 
     ``config`` (default ``triton_plan.DEFAULT``) overrides the launch heuristics, e.g. to force
     a path.
@@ -169,7 +183,18 @@ def forward_train(
     view = _checked_view(x3)
     plan = triton_plan.plan(view, x3.element_size(), 1, x3.device, _config(config))
     kernels, acc = _kernels(), eager.acc_dtype(x3.dtype)
-    y3 = _empty_like(x3)
+    if out is not None and plan.path == "split":
+        # The split path's programs each read the pivot x[0, c, 0], which one of them may
+        # already have overwritten: into its own input, statistics first, then the map.
+        count, mean64, m2 = stats(x3, config=config)
+        var = (m2 / count).to(acc)
+        rstd = torch.rsqrt(m2 / count + eps)
+        center = eager.pivot(x3).clone()
+        scale, shift = eager.affine(weight, bias, mean64, rstd, center)
+        forward_eval(x3, scale.to(acc), shift.to(acc), residual3, relu, center, out=out,
+                     config=config)
+        return out, mean64.to(acc), rstd.to(acc), var
+    y3 = _output(out, x3)
     residual3 = _matched(residual3, x3, view)
     mean, rstd, var = (x3.new_empty((view.c,), dtype=acc) for _ in range(3))
     weight, bias = _vector(weight), _vector(bias)
@@ -197,12 +222,14 @@ def forward_train(
 
 def forward_eval(
     x3: Tensor, scale: Tensor, shift: Tensor, residual3: Tensor | None = None,
-    relu: bool = False, center: Tensor | None = None, *, config: Config | None = None,
+    relu: bool = False, center: Tensor | None = None, *, out: Tensor | None = None,
+    config: Config | None = None,
 ) -> Tensor:
-    """Phase ``forward_eval``: ``relu((x - center) * scale + shift + residual)``."""
+    """Phase ``forward_eval``: ``relu((x - center) * scale + shift + residual)``, into ``out``
+    when given (``x3`` itself for in-place ABN, or a tensor of its strides)."""
     view = _checked_view(x3)
     plan = triton_plan.elementwise_plan(view, x3.element_size(), _config(config))
-    y3 = _empty_like(x3)
+    y3 = _output(out, x3)
     residual3 = _matched(residual3, x3, view)
     acc = torch.promote_types(scale.dtype, eager.acc_dtype(x3.dtype))
     _kernels().eval_kernel[(plan.blocks, plan.programs)](
@@ -211,6 +238,44 @@ def forward_eval(
         view.s_c, plan.per, HAS_RES=residual3 is not None, RELU=bool(relu),
         HAS_CENTER=center is not None, ACC=_tl_acc(acc), **plan.consts())
     return y3
+
+
+_ACTIVATION_BLOCK = 1024  # values per program of the elementwise activation kernels
+
+
+def _activation_kernels():
+    from batchnorm.kernels import triton_activation
+
+    return triton_activation
+
+
+def activate(z3: Tensor, residual3: Tensor | None, activation: str, param: float) -> Tensor:
+    """Phase ``activate`` as ``eager.activate``: ``z = act(z + residual)`` in place, one
+    elementwise launch."""
+    view = _checked_view(z3)
+    residual3 = _matched(residual3, z3, view)
+    grid = (-(-z3.numel() // _ACTIVATION_BLOCK),)
+    _activation_kernels().activate_kernel[grid](
+        z3, z3 if residual3 is None else residual3, z3.numel(), float(param),
+        BLOCK=_ACTIVATION_BLOCK, KIND=eager.INVERTIBLE[activation],
+        HAS_RES=residual3 is not None, ACC=_tl_acc(eager.acc_dtype(z3.dtype)))
+    return z3
+
+
+def invert_activation(z3: Tensor, dz3: Tensor, residual3: Tensor | None, activation: str,
+                      param: float) -> tuple[Tensor, Tensor]:
+    """Phase ``invert_activation`` as ``eager.invert_activation``: ``(y, dy)`` in the
+    accumulation dtype and ``z3``'s strides, one elementwise launch."""
+    view = _checked_view(z3)
+    dz3, residual3 = _matched(dz3, z3, view), _matched(residual3, z3, view)
+    acc = eager.acc_dtype(z3.dtype)
+    y3, dy3 = _empty_like(z3, acc), _empty_like(z3, acc)
+    grid = (-(-z3.numel() // _ACTIVATION_BLOCK),)
+    _activation_kernels().invert_activation_kernel[grid](
+        z3, dz3, z3 if residual3 is None else residual3, y3, dy3, z3.numel(), float(param),
+        eager.elu_floor(acc), BLOCK=_ACTIVATION_BLOCK, KIND=eager.INVERTIBLE[activation],
+        HAS_RES=residual3 is not None, ACC=_tl_acc(acc))
+    return y3, dy3
 
 
 def _grad_launch(dy3, x3, y3, mean, rstd, weight, need_dx, training, plan, view):
