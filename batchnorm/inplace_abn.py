@@ -142,15 +142,20 @@ class _InPlaceABN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz):
         z, weight, scale, shift, rstd, residual = ctx.saved_tensors
-        training, activation, param, bias_dtype, group, count, name = ctx.config
-        need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+        training, activation, param, _, group, count, name = ctx.config
+        need_dx, need_dres = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         z = F._canonical_layout(z)
         backend = backend_module(name)
-        y3, dy3 = backend.invert_activation(
-            as_ncl(z), as_ncl(like_layout(dz, z)),
-            _ncl(None if residual is None else like_layout(residual, z)), activation, param)
+        z3, dz3 = as_ncl(z), as_ncl(like_layout(dz, z))
+        residual3 = _ncl(None if residual is None else like_layout(residual, z))
         # Batch norm's backward at input y: x_hat = (y - shift) / scale (module docstring).
         mean, inv, gain = shift, scale.reciprocal(), scale * scale * rstd
+        if group is None and hasattr(backend, "inplace_abn_backward"):  # y never written out
+            dx, s1, s0, dy3 = backend.inplace_abn_backward(
+                dz3, z3, residual3, activation, param, mean, inv, gain, training, need_dx,
+                need_dres)
+            return _InPlaceABN._gradients(ctx, z, dx, s1, s0, dy3, weight, residual)
+        y3, dy3 = backend.invert_activation(z3, dz3, residual3, activation, param)
         if name == "native" and group is None:
             y, dy = y3.reshape(z.shape), dy3.reshape(z.shape)
             dx, s1, s0 = torch.ops.aten.native_batch_norm_backward(
@@ -161,6 +166,14 @@ class _InPlaceABN(torch.autograd.Function):
         else:
             dx, s1, s0, _ = _seams.backward(dy3, y3, None, mean, inv, gain, count, need_dx,
                                             False, name, group)
+        return _InPlaceABN._gradients(ctx, z, dx, s1, s0, dy3, weight, residual)
+
+    @staticmethod
+    def _gradients(ctx, z, dx, s1, s0, dy3, weight, residual):
+        """The inputs' gradients from the backward's results: ``dgamma = dgamma' *
+        sign(gamma)``, the residual's is ``dy``."""
+        need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
+        bias_dtype = ctx.config[3]
         dx = dx.reshape(z.shape).to(z.dtype) if need_dx else None
         dweight = (s1 * torch.sign(weight.detach().to(s1.dtype))).to(weight.dtype) \
             if need_dw else None

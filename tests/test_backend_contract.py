@@ -268,3 +268,25 @@ def test_forward_train_into_its_own_input(backend, shape, dtype, layout):
     assert y3.data_ptr() == pointer
     for a, b in ((x3, expected), (mean2, mean), (rstd2, rstd), (var2, var)):
         assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_fused_inplace_abn_backward_is_the_composition_of_the_phases(
+        backend, shape, dtype, layout, activation, training, with_residual):
+    if not hasattr(backend, "inplace_abn_backward"):
+        pytest.skip(f"{backend.__name__} has no fused in-place ABN backward")
+    x3, dz3, (weight, mean, _) = _tensors(shape, dtype, layout)
+    _skip_unless_supported(backend, x3)
+    param, _ = ACTIVATIONS[activation]
+    residual3 = _tensors(shape, dtype, layout, seed=1)[0] if with_residual else None
+    acc = eager.acc_dtype(dtype)
+    z3 = backend.activate(x3.clone(), residual3, activation, param)
+    mean, rstd = mean.to(acc), (weight.abs() + 0.5).reciprocal().to(acc)
+    dx3, dweight, dbias, dres3 = backend.inplace_abn_backward(
+        dz3, z3, residual3, activation, param, mean, rstd, weight, training, True, True)
+    y3, dy3 = backend.invert_activation(z3, dz3, residual3, activation, param)
+    want = backend.backward(dy3, y3, None, mean, rstd, weight, training)
+    for name, got, expected in (("dx", dx3, want[0]), ("dweight", dweight, want[1]),
+                                ("dbias", dbias, want[2]), ("dres", dres3, dy3)):
+        assert_close(got, expected, dtype, msg=name)

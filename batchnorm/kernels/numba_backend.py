@@ -481,6 +481,49 @@ def invert_activation(z3: Tensor, dz3: Tensor, residual3: Tensor | None, activat
     return y3, dy3
 
 
+def inplace_abn_backward(
+    dz3: Tensor, z3: Tensor, residual3: Tensor | None, activation: str, param: float,
+    mean: Tensor, rstd: Tensor, weight: Tensor | None, training: bool, need_dx: bool = True,
+    need_dres: bool = False,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    """Fused: ``invert_activation`` then ``backward`` at its ``(y, dy)``, as
+    ``(dx3, dweight, dbias, dres3)`` with ``dres3 = dy``. Where ``plan`` takes channel blocks,
+    one kernel recomputes ``y`` and ``dy`` from ``z`` and ``dz`` on both of its passes (neither
+    is ever written out); otherwise the two phases run one after the other.
+
+    >>> z3 = torch.tensor([[[-1.0, 3.0]], [[5.0, 7.0]]])
+    >>> dx3, dweight, dbias, _ = inplace_abn_backward(
+    ...     z3 - 4, z3, None, "identity", 0.0, torch.tensor([4.0]), torch.tensor([0.5]), None,
+    ...     False)
+    >>> dx3.flatten().tolist(), dbias.tolist()
+    ([-2.5, -0.5, 0.5, 1.5], [-2.0])
+    """
+    kind = _check(z3)
+    order, block = plan(z3, kind)
+    if order != "ncl_blocks":
+        y3, dy3 = invert_activation(z3, dz3, residual3, activation, param)
+        dx3, dweight, dbias, _ = backward(dy3, y3, None, mean, rstd, weight, training, need_dx)
+        return dx3, dweight, dbias, (dy3 if need_dres else None)
+    dz3, residual3 = _like(dz3, z3), _like(residual3, z3)
+    channels = z3.shape[1]
+    acc = eager.acc_dtype(z3.dtype)
+    dweight, dbias = torch.empty(channels, dtype=acc), torch.empty(channels, dtype=acc)
+    dx3 = torch.empty_like(z3) if need_dx else None
+    dres3 = torch.empty_like(z3) if need_dres else None
+    z = _array(z3, kind)
+    dtype = z.dtype.type
+    with _launch(z3.numel()):
+        _activation_kernel("backward_ncl_blocks")(
+            z, _array(dz3, kind), z if residual3 is None else _array(residual3, kind),
+            residual3 is not None, eager.INVERTIBLE[activation], dtype(param),
+            dtype(eager.elu_floor(z3.dtype)), mean.detach().to(acc).contiguous().numpy(),
+            rstd.detach().to(acc).contiguous().numpy(), _per_channel(weight, channels, 1.0),
+            bool(training), bool(need_dx), bool(need_dres),
+            z if dx3 is None else _array(dx3, kind), z if dres3 is None else _array(dres3, kind),
+            dweight.numpy(), dbias.numpy(), block)
+    return dx3, dweight, dbias, dres3
+
+
 def _activation_kernel(name: str):
     from batchnorm.kernels import numba_activation  # imports numba, on the first call
 
