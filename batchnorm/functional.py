@@ -132,7 +132,8 @@ def batch_norm(
         return _empty_output(input, weight, bias, residual)
     if mask is not None and training:
         return _masked(input, mask, running_mean, running_var, weight, bias, momentum, eps,
-                       num_batches_tracked, activation, residual, process_group, r_max, d_max)
+                       num_batches_tracked, activation, residual, process_group, r_max, d_max,
+                       backend)
     x = _canonical_layout(input)
     if residual is not None:
         residual = _ops.like_layout(residual, x)
@@ -178,14 +179,25 @@ def batch_norm(
 
 
 def _masked(x, mask, running_mean, running_var, weight, bias, momentum, eps, counter,
-            activation, residual, process_group, r_max, d_max) -> Tensor:
-    """Training over the positions ``mask`` counts (``batchnorm.masked``), in torch ops."""
+            activation, residual, process_group, r_max, d_max, backend) -> Tensor:
+    """Training over the positions ``mask`` counts (``batchnorm.masked``): on the backend's
+    phases, or in torch ops where a kernel cannot run (``torch.func``, ``torch.compile``)."""
     masked.check_mask(mask, x, True, process_group)
     if r_max is not None or d_max is not None:
         raise ValueError("mask= and Batch Renorm's r_max/d_max do not combine; use one of them")
-    y, mean, var, m = masked.train(x, mask, weight, bias, eps, process_group)
+    x = _canonical_layout(x)
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        name = "eager"
+        y, mean, var, m = masked.train(x, mask, weight, bias, eps, process_group)
+    else:
+        name = resolve(backend, x, None, False, True)
+        if name == "native":
+            name = "eager"  # phases: torch's op has none
+        y, mean, var, m = masked.MaskedTrain.apply(x, weight, bias, mask, eps, name,
+                                                   process_group)
     if running_mean is not None:
-        eager.update_running_stats(running_mean, running_var, counter, mean, var, m, momentum)
+        _ops.call("update_running_stats")(running_mean, running_var, counter, mean, var, m,
+                                          momentum, name)
     if residual is not None:
         y = y + residual
     return torch.relu(y) if activation == "relu" else y

@@ -14,15 +14,29 @@ gradients. With a
 ``process_group`` the sums and counts are added over the group's processes first
 (``torch.distributed.nn``'s differentiable ``all_reduce``), as ``SyncBatchNorm`` does.
 
-The computation is in torch ops, in the accumulation dtype (float32 for half types, else the
-input's), on every device and whatever the backend; its gradients are autograd's, exact.
+A call runs on its backend's phases (``batchnorm.kernels``): ``stats`` of the counted
+values gathered into a ``(m, C)`` batch (merged across the group as ``SyncBatchNorm``'s),
+``forward_eval`` of the whole input with those statistics, and in the backward ``grad_sums``
+over every position and ``grad_input`` with the counted ``m``::
+
+    dx = weight * rstd * (dy - sum(dy) / m - x_hat * sum(dy * x_hat) / m)   counted positions
+    dx = weight * rstd * dy                                                  padding
+
+The sums run over every position, padding included, since the padding's outputs are
+normalized by the same statistics; the padding's values enter no statistic, so only the
+direct term reaches their own gradient. ``train`` is the same computation in torch ops (its
+gradients are autograd's): the definition the tests hold the phases to, and the path under
+double backward, ``torch.func`` transforms and ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from batchnorm import _autograd, _seams
+from batchnorm._ops import call, like_layout
 from batchnorm.kernels import eager
 
 
@@ -86,3 +100,63 @@ def _summed(t: Tensor, group) -> Tensor:
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(t, group=group)
+
+
+class MaskedTrain(torch.autograd.Function):
+    """Masked training batch norm on a backend's phases: ``(y, mean, var, count)``, the
+    statistics float64 and not differentiable, ``count`` a float64 0-dim tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, eps, backend, group):
+        counted = x.movedim(1, -1)[mask]  # (m, C): the counted values, gathered
+        count, mean, var = _seams.batch_statistics(counted, backend, group)
+        if group is not None and float(count) < 2:
+            raise ValueError(f"the masks of the group count {int(count)} value(s) per "
+                             "channel, but training needs at least 2 for a variance")
+        acc = eager.acc_dtype(x.dtype)
+        rstd = torch.rsqrt(var + eps)
+        # The pivot of the normalization (x - center is exact near it): a counted value.
+        center = counted[0].to(acc) if counted.shape[0] else None
+        scale, shift = eager.affine(weight, bias, mean, rstd, center)
+        y = call("forward_eval")(x, scale.to(acc), shift.to(acc), None, center, False, backend)
+        ctx.save_for_backward(x, weight, mean.to(acc), rstd.to(acc), mask, count)
+        ctx.config = (eps, backend, group, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(mean, var, count)
+        return _autograd._fresh(y), mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, mean, rstd, mask, count = ctx.saved_tensors
+        eps, backend, group, bias_dtype = ctx.config
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if _autograd._differentiable():  # double backward: autograd through the torch ops
+            if group is not None:
+                raise NotImplementedError("double backward through statistics merged across "
+                                          "processes is not supported; differentiate once")
+            inputs = [t for t in (x, weight) if t is not None]
+            with torch.enable_grad():
+                y = train(x, mask, weight, None, eps)[0]
+                grads = torch.autograd.grad(y, inputs, dy, create_graph=True)
+            dx, dweight = grads[0], (grads[1] if weight is not None else None)
+            dbias = dy.sum((0, *range(2, dy.dim())))
+        else:
+            dy = like_layout(dy, x)
+            s0, s1 = call("grad_sums")(dy, x, None, mean, rstd, backend)
+            sums = torch.cat((s0, s1)).double()
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+            channels = mean.shape[0]
+            mean_dz, mean_dz_x_hat = (sums / count).to(mean.dtype).split(channels)
+            dx = None
+            if need_dx:
+                dx, _ = call("grad_input")(dy, x, None, mean, rstd, weight, mean_dz,
+                                           mean_dz_x_hat, False, backend)
+                # The padding: the direct term only (its values enter no statistic).
+                gain = rstd if weight is None else rstd * weight.to(rstd.dtype)
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                direct = (dy.to(gain.dtype) * gain.view(shape)).to(dx.dtype)
+                dx = torch.where(mask.unsqueeze(1), dx, direct)
+            dweight, dbias = s1, s0
+        return (dx if need_dx else None,
+                dweight.to(weight.dtype) if need_dw else None,
+                dbias.to(bias_dtype) if need_db else None, None, None, None, None)

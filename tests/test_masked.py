@@ -22,10 +22,27 @@ def _gathered(x, mask):
     return x.transpose(1, 2)[mask]
 
 
-@pytest.mark.parametrize("backend", ["auto", "eager", "numba"])
+def _backends():
+    names = ["auto", "eager"]
+    for name in ("numba", "triton"):
+        try:
+            __import__(name)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
+@pytest.fixture(params=_backends())
+def backend(request):
+    if request.param == "triton":
+        import triton_interpreter
+
+        triton_interpreter.backend()
+    return request.param
+
+
 def test_statistics_outputs_and_gradients_are_those_of_the_counted_positions(backend):
-    if backend == "numba":
-        pytest.importorskip("numba", reason="numba is not installed")
     x, mask = _case()
     weight = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64, requires_grad=True)
     bias = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True)
@@ -43,6 +60,38 @@ def test_statistics_outputs_and_gradients_are_those_of_the_counted_positions(bac
     want = torch.autograd.grad((expected * _gathered(dy, mask)).sum(), (x, weight, bias))
     for a, b in zip(got, want, strict=True):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_backend_is_the_torch_ops_definition_with_gradients_everywhere(backend,
+                                                                             channels_last):
+    """On the backend's phases, against ``masked.train`` (torch ops, autograd's gradients):
+    outputs at every position, and the gradients of a loss on the padding's outputs too."""
+    from batchnorm import masked
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    mask = torch.rand(3, 5, 6, generator=g) < 0.6
+    weight = torch.tensor([0.5, -1.5, 2.0, 0.9], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64, requires_grad=True)
+    y = batch_norm(x, None, None, weight, bias, training=True, mask=mask, backend=backend)
+    expected = masked.train(x, mask, weight, bias, 1e-5)[0]
+    assert_close(y, expected)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(y, (x, weight, bias), dy),
+                    torch.autograd.grad(expected, (x, weight, bias), dy), strict=True):
+        assert_close(a, b)
+
+
+def test_double_backward_follows_the_definition():
+    x, mask = _case(shape=(3, 2, 4))
+    x.data[~mask.unsqueeze(1).expand_as(x)] = 0.5  # padding near the data: second order terms
+    weight = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: batch_norm(x, None, None, w, training=True, mask=mask), (x, weight))
 
 
 def test_padding_is_normalized_with_the_same_statistics():
