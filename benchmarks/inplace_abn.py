@@ -23,7 +23,8 @@ fresh processes, then the median over them.
 
 Run from the repository root (about four minutes on 2 cores)::
 
-    python benchmarks/inplace_abn.py          # writes benchmarks/results/inplace_abn.md
+    python benchmarks/inplace_abn.py                  # writes benchmarks/results/inplace_abn.md
+    python benchmarks/inplace_abn.py --device cuda    # batch 64 at 224x224: inplace_abn_cuda.md
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ("BN + ReLU", "BN + LeakyReLU", "InPlaceABN (pairs)", "InPlaceABN (units)")
-SHAPE = (16, 3, 160, 160)
+SHAPES = {"cpu": (16, 3, 160, 160), "cuda": (64, 3, 224, 224)}
 
 
 def _pairs_forward(self, x):
@@ -97,17 +98,21 @@ def build(version: str):
     return model
 
 
-def _step_function(model):
+def _step_function(model, device: str):
     import torch
 
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-    target = torch.arange(SHAPE[0]) % 10
+    shape = SHAPES[device]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    target = (torch.arange(shape[0]) % 10).to(device)
+    model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), target).backward()
         optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
     return step
 
 
@@ -126,29 +131,37 @@ def _load_libraries() -> None:
         z.sum().backward()
 
 
-def peak_bytes(version: str) -> int:
-    """How far this process's resident memory rose above its level before one step (the
-    first: forward, backward, the gradients' allocation and the update), in bytes.
+def peak_bytes(version: str, device: str = "cpu") -> int:
+    """How far this process's memory rose above its level before one step (the first:
+    forward, backward, the gradients' allocation and the update), in bytes.
 
-    Run with ``MALLOC_MMAP_THRESHOLD_`` fixed (``_fresh`` does), so that every large tensor is
-    its own mapping, given back to the system when freed: resident memory then follows the
-    tensors alive, and its peak (``ru_maxrss``) is theirs.
+    On the CPU resident memory, run with ``MALLOC_MMAP_THRESHOLD_`` fixed (``_fresh`` does),
+    so that every large tensor is its own mapping, given back to the system when freed:
+    resident memory then follows the tensors alive, and its peak (``ru_maxrss``) is theirs.
+    On CUDA ``torch.cuda.max_memory_allocated`` above ``memory_allocated`` before.
     """
     import gc
     import os
     import resource
 
-    step = _step_function(build(version))
+    import torch
+
+    step = _step_function(build(version), device)
     _load_libraries()
     gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return torch.cuda.max_memory_allocated() - before
     with open("/proc/self/statm") as statm:
         before = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 
 
-def step_times(steps: int) -> dict:
-    runs = {v: _step_function(build(v)) for v in VERSIONS}
+def step_times(steps: int, device: str = "cpu") -> dict:
+    runs = {v: _step_function(build(v), device) for v in VERSIONS}
     for step in runs.values():
         step()
     times = {v: [] for v in VERSIONS}
@@ -158,6 +171,14 @@ def step_times(steps: int) -> dict:
             step()
             times[version].append(time.perf_counter() - start)
     return {v: float(np.median(t)) for v, t in times.items()}
+
+
+def _gpu_line(device: str) -> list[str]:
+    if device != "cuda":
+        return []
+    import torch
+
+    return [f"- gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}"]
 
 
 def _fresh(call: str):
@@ -172,28 +193,39 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per version")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes for time")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inplace_abn.md")
+    parser.add_argument("--device", choices=sorted(SHAPES), default="cpu",
+                        help="cpu (resident memory, batch 16 at 160x160) or cuda "
+                             "(max_memory_allocated, batch 64 at 224x224)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/inplace_abn[_cuda].md")
     raw_args = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw_args)
-    peaks = {v: _fresh(f"peak_bytes({v!r})") for v in VERSIONS}
-    runs = [_fresh(f"step_times({args.steps})") for _ in range(args.processes)]
+    device = args.device
+    out = args.out or ROOT / "benchmarks/results" / (
+        "inplace_abn.md" if device == "cpu" else f"inplace_abn_{device}.md")
+    peaks = {v: _fresh(f"peak_bytes({v!r}, {device!r})") for v in VERSIONS}
+    runs = [_fresh(f"step_times({args.steps}, {device!r})") for _ in range(args.processes)]
     times = {v: float(np.median([r[v] for r in runs])) for v in VERSIONS}
     import cpu as cpu_benchmark
 
     base = "BN + ReLU"
-    lines = cpu_benchmark.header("CPU benchmark: ResNet-50 training step memory with in-place ABN",
-                                 "inplace_abn.py", raw_args) + [
-             f"- torchvision resnet50, batch {SHAPE[0]} at {SHAPE[2]}x{SHAPE[3]}, float32, SGD; "
-             "peak = the rise of resident memory during the first step above its level before "
-             "(ru_maxrss, large tensors mapped on their own, a fresh process each); "
-             "time = median of "
+    shape = SHAPES[device]
+    peak_rule = ("the rise of resident memory during the first step above its level before "
+                 "(ru_maxrss, large tensors mapped on their own, a fresh process each)"
+                 if device == "cpu" else "torch.cuda.max_memory_allocated during the first "
+                 "step above memory_allocated before (a fresh process each)")
+    lines = cpu_benchmark.header(
+        f"{device.upper()} benchmark: ResNet-50 training step memory with in-place ABN",
+        "inplace_abn.py", raw_args) + _gpu_line(device) + [
+             f"- torchvision resnet50, batch {shape[0]} at {shape[2]}x{shape[3]}, float32, SGD; "
+             f"peak = {peak_rule}; time = median of "
              f"{args.steps} interleaved steps, median over {args.processes} fresh processes",
              "", f"| version | peak MB | vs {base} | step s | vs {base} |", "|---|---|---|---|---|"]
     for v in VERSIONS:
         lines.append(f"| {v} | {peaks[v] / 2**20:.0f} | {peaks[v] / peaks[base]:.2f}x | "
                      f"{times[v]:.2f} | {times[v] / times[base]:.2f}x |")
     lines.append("")
-    cpu_benchmark.write_report(lines, args.out)
+    cpu_benchmark.write_report(lines, out)
 
 
 if __name__ == "__main__":
