@@ -16,7 +16,9 @@ which is batch norm's own backward evaluated at the input ``y``, with ``beta`` f
 ``1 / gamma'`` for ``rstd`` (then ``(y - mean) * rstd`` is ``x_hat``) and ``gamma'**2 * rstd``
 for the weight (then ``weight * rstd`` is ``gamma' * rstd``): every backend runs its own
 ``backward`` phase (or, across processes, ``grad_sums`` and ``grad_input``) on ``(dy, y)``,
-after its ``invert_activation`` phase (``batchnorm.kernels``).
+after its ``invert_activation`` phase (``batchnorm.kernels``); numba fuses the two.
+``batchnorm.reference.inplace_abn_backward`` writes the same in NumPy, from Algorithm 1's
+closed form.
 
 The activation must be invertible: leaky ReLU with a positive slope, ELU, or the identity
 (plain ReLU loses its negative half; it is refused). So must the affine map: as in the

@@ -257,6 +257,62 @@ def batch_norm_backward(dy, cache: BatchNormCache) -> tuple[np.ndarray, np.ndarr
     return dx, dgamma, dbeta
 
 
+def inplace_abn_backward(dz, z, gamma, beta, rstd, activation: str = "leaky_relu",
+                         param: float = 0.01, eps: float = 1e-5,
+                         axis: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Algorithm 1's backward from the activated output alone (in-place ABN, Rota Bulò et al.,
+    2018): the gradients of ``z = act(γ'·x̂ + β)``, ``γ' = |γ| + eps``, without ``x`` or ``x̂``.
+
+    Args:
+        dz: ∂ℓ/∂z, the shape of ``z``.
+        z: the forward's output, channels on ``axis``.
+        gamma, beta: γ (its sign and magnitude) and β, shape ``(C,)``.
+        rstd: the mini-batch's 1/√(σ²_B + ε), shape ``(C,)``.
+        activation: ``"leaky_relu"`` (slope ``param``), ``"elu"`` (alpha ``param``) or
+            ``"identity"``; ``param > 0``, so that the activation is invertible.
+
+    Returns:
+        ``(dx, dgamma, dbeta)`` as :func:`batch_norm_backward`.
+
+    Invert the activation, then the affine map (γ' > 0 always), then take the closed form::
+
+        y   = act⁻¹(z)           leaky ReLU: z/param where z < 0;  ELU: log(1 + z/param)
+        dy  = dz · act'(y)       leaky ReLU: param where z < 0;    ELU: z + param
+        x̂   = (y − β) / γ'
+        dx, dγ', dβ = batch_norm_backward(dy) with x̂ and γ',   dγ = sign(γ) · dγ'
+
+    >>> x = np.array([[1.0, 4.0], [2.0, 0.0], [6.0, 2.0]])
+    >>> g, b = np.array([1.5, -0.5]), np.array([0.1, 0.2])
+    >>> y, cache = batch_norm_forward(x, np.abs(g) + 1e-5, b)
+    >>> dx, _, _ = inplace_abn_backward(np.ones_like(y), y, g, b, cache.rstd, "identity")
+    >>> np.allclose(dx, 0.0)
+    True
+    """
+    z, dz = _as_real("z", z), _as_real("dz", dz)
+    if not param > 0 and activation != "identity":
+        raise ValueError(f"{activation} is invertible for a positive param only, got {param}")
+    axis, _, bshape = _layout(z, axis)
+    channels = z.shape[axis]
+    gamma = _per_channel("gamma", gamma, channels)
+    scale = np.abs(gamma) + eps
+    below = z < 0
+    if activation == "leaky_relu":
+        y, dy = np.where(below, z / param, z), np.where(below, dz * param, dz)
+    elif activation == "elu":
+        y = np.where(below, np.log1p(np.maximum(z / param, -1.0 + np.finfo(z.dtype).eps)), z)
+        dy = np.where(below, dz * (z + param), dz)
+    elif activation == "identity":
+        y, dy = z, dz
+    else:
+        raise ValueError(f"activation must be leaky_relu, elu or identity, got {activation!r}")
+    x_hat = (y - _per_channel("beta", beta, channels).reshape(bshape)) / scale.reshape(bshape)
+    cache = BatchNormCache(x_hat, np.zeros(channels), np.zeros(channels),
+                           _per_channel("rstd", rstd, channels), scale, axis,
+                           z.size // channels)
+    dx, dscale, dbeta = batch_norm_backward(dy, cache)
+    return dx, np.sign(gamma) * dscale, dbeta
+
+
 def population_statistics(batches: Iterable, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Population mean and variance from a sequence of mini-batches (Algorithm 2, step 10).
 

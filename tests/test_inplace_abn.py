@@ -185,3 +185,47 @@ def test_an_eval_call_keeps_its_own_statistics_for_backward():
     dz = torch.randn_like(z)
     assert_close(torch.autograd.grad(z, source, dz)[0],
                  torch.autograd.grad(expected, source, dz)[0])
+
+
+@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.1), ("elu", 0.7),
+                                              ("identity", 0.0)])
+def test_numpy_reference_from_the_output_is_the_backward_from_the_input(activation, param):
+    """``reference.inplace_abn_backward`` (from z alone) against Algorithm 1's backward from
+    x through the activation's derivative, float64, and the layer on its backends against it."""
+    import numpy as np
+
+    from batchnorm import reference
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(1.0, 2.0, (5, 3, 4))
+    gamma, beta = np.array([0.8, -1.2, 0.0]), np.array([0.3, -0.4, 0.1])
+    y, cache = reference.batch_norm_forward(x, np.abs(gamma) + 1e-5, beta)
+    z = torch.from_numpy(y)
+    act = ACTS[activation]
+    u = z.clone().requires_grad_()
+    dz = rng.normal(size=x.shape)
+    (dy,) = torch.autograd.grad(act(u, param), u, torch.from_numpy(dz))
+    z = act(z, param).numpy()
+    want_dx, want_dscale, want_dbeta = reference.batch_norm_backward(dy.numpy(), cache)
+    dx, dgamma, dbeta = reference.inplace_abn_backward(dz, z, gamma, beta, cache.rstd,
+                                                       activation, param)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dgamma, np.sign(gamma) * want_dscale, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dbeta, want_dbeta, rtol=1e-9, atol=1e-11)
+    weight = torch.tensor(gamma, requires_grad=True)
+    bias = torch.tensor(beta, requires_grad=True)
+    for backend in ("eager", "native") + (("numba",) if _has("numba") else ()):
+        source = torch.tensor(x, requires_grad=True)
+        out = inplace_abn(source * 1.0, None, None, weight, bias, training=True,
+                          activation=activation, activation_param=param, backend=backend)
+        got = torch.autograd.grad(out, (source, weight, bias), torch.from_numpy(dz))
+        for name, a, b in zip(("dx", "dgamma", "dbeta"), got, (dx, dgamma, dbeta), strict=True):
+            assert_close(a, torch.from_numpy(b), msg=f"{name} on {backend}")
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
