@@ -169,6 +169,16 @@ def test_refusals():
     z.add_(1)  # changing the saved output invalidates the backward, and autograd says so
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.sum().backward()
+    x, residual = torch.randn(2, 3, 2, 2, requires_grad=True) * 1.0, torch.randn(2, 3, 2, 2)
+    z = InPlaceABN2d(3)(x, residual)
+    residual.mul_(2)  # so does changing the residual, which the backward reads
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+    x = torch.randn(2, 3, 2, 2, requires_grad=True) * 1.0
+    with pytest.raises(ValueError, match="shares memory with the input"):
+        InPlaceABN2d(3)(x, x[:])
+    with pytest.raises(ValueError, match="residual must match the input"):
+        InPlaceABN2d(3)(x, torch.randn(2, 3, 2, 1))
 
 
 def test_exported_from_the_package():
