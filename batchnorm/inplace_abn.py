@@ -81,21 +81,19 @@ def _native_forward(x, scale, shift, running_mean, running_var, counter, trainin
 
 def _phased_statistics(x, running_mean, running_var, counter, training, momentum, eps, name,
                        group):
-    """``(mean, rstd, center, count)`` of a call from the backend's phases: ``stats`` (merged
-    over ``group``), the running estimates updated in training; ``center`` the pivot the
-    normalization subtracts first (a copy: the input is overwritten)."""
+    """``(mean, rstd, center, count)`` of an inference call, or of a training call across a
+    process group from the backend's phases: ``stats`` merged over ``group``, the running
+    estimates updated; ``center`` the pivot the normalization subtracts first (a copy: the
+    input is overwritten)."""
     acc = eager.acc_dtype(x.dtype)
     if not training:
         return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps), None, None
     count, mean, var = _seams.batch_statistics(x, name, group)
-    m = x.numel() // x.shape[1]
-    if group is not None:
-        m = count
-        if float(count) < 2:
-            raise ValueError(f"the group's batch has {int(count)} value(s) per channel; "
-                             "training needs at least 2 for a variance")
+    if float(count) < 2:
+        raise ValueError(f"the group's batch has {int(count)} value(s) per channel; "
+                         "training needs at least 2 for a variance")
     if running_mean is not None:
-        call("update_running_stats")(running_mean, running_var, counter, mean, var, m,
+        call("update_running_stats")(running_mean, running_var, counter, mean, var, count,
                                      momentum, name)
     return mean, torch.rsqrt(var + eps), eager.pivot(as_ncl(x)).clone(), count
 

@@ -7,28 +7,16 @@ the composition of its own phases. Shapes are small and odd, in both memory layo
 
 import pytest
 import torch
+import triton_interpreter
 from tolerances import assert_close
 
 from batchnorm.kernels import backend as backend_module
 from batchnorm.kernels import eager
 
 
-def _backends():
-    names = ["eager"]
-    for name in ("numba", "triton"):
-        try:
-            __import__(name)
-            names.append(name)
-        except ImportError:
-            pass
-    return names
-
-
-@pytest.fixture(params=_backends())
+@pytest.fixture(params=triton_interpreter.installed("eager"))
 def backend(request):
     if request.param == "triton":
-        import triton_interpreter
-
         return triton_interpreter.backend()
     return backend_module(request.param)
 

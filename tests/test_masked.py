@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton_interpreter
 from tolerances import assert_close
 
 import batchnorm
@@ -22,22 +23,9 @@ def _gathered(x, mask):
     return x.transpose(1, 2)[mask]
 
 
-def _backends():
-    names = ["auto", "eager"]
-    for name in ("numba", "triton"):
-        try:
-            __import__(name)
-            names.append(name)
-        except ImportError:
-            pass
-    return names
-
-
-@pytest.fixture(params=_backends())
+@pytest.fixture(params=triton_interpreter.installed("auto", "eager"))
 def backend(request):
     if request.param == "triton":
-        import triton_interpreter
-
         triton_interpreter.backend()
     return request.param
 

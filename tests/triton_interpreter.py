@@ -11,6 +11,19 @@ import numpy as np
 import pytest
 
 
+def installed(*always: str) -> list[str]:
+    """The backends ``always``, then numba and triton where they are installed: the
+    parameters of the tests that run on every backend."""
+    names = list(always)
+    for name in ("numba", "triton"):
+        try:
+            __import__(name)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
 def backend():
     """``batchnorm.kernels.triton_backend`` with interpreted kernels, or the test skipped."""
     triton = pytest.importorskip("triton",

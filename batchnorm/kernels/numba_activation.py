@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchnorm.kernels.numba_backward import coefficients, grad_input, grad_sums
+from batchnorm.kernels.numba_backward import finish_block, grad_input, grad_sums
 from batchnorm.kernels.numba_forward import JIT, njit, prange
 
 SLICE = 1 << 14  # values per parallel task: long enough to stream, short enough to share
@@ -122,11 +122,7 @@ def backward_ncl_blocks(z, dz, residual, has_residual, kind, param, floor, mean,
                 t_dy, t_dyx = grad_sums(dy, y, np.float64(mean[c]))
                 sums[0, c - c0] += t_dy
                 sums[1, c - c0] += t_dyx
-        for c in range(c0, c1):
-            dbias[c] = sums[0, c - c0]
-            dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
-                sums[0, c - c0], sums[1, c - c0], n_batch * length, mean[c], rstd[c], weight[c])
-            coef[0, c] = mean[c]
+        finish_block(sums, c0, c1, n_batch * length, mean, rstd, weight, dweight, dbias, coef)
         if need_dx or need_dres:
             for n in range(n_batch):  # the block's slices again, from the cache
                 for c in range(c0, c1):

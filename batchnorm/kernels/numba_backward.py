@@ -77,6 +77,17 @@ def finish_grads(partial, m, mean, rstd, weight, dweight, dbias, coef):
         coef[0, c] = mean[c]
 
 
+@njit(**JIT)
+def finish_block(sums, c0, c1, m, mean, rstd, weight, dweight, dbias, coef):
+    """A channel block's ``sums[0 or 1, c - c0]`` into ``dbias``, ``dweight`` and
+    ``coef = (mean, a, b, c0)`` for channels ``[c0, c1)``."""
+    for c in range(c0, c1):
+        dbias[c] = sums[0, c - c0]
+        dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
+            sums[0, c - c0], sums[1, c - c0], m, mean[c], rstd[c], weight[c])
+        coef[0, c] = mean[c]
+
+
 @njit(parallel=True, inline="always", **JIT)  # inlined as numba_forward.partial_sums_ncl
 def partial_grad_sums_ncl(dy, x, mu, n_chunks):
     """Per-chunk ``(sum(dy), sum(dy * (x - mu)))`` of contiguous ``(N, C, L)`` arrays' ``N * C``
@@ -155,11 +166,7 @@ def backward_ncl_blocks(dy, x, mean, rstd, weight, training, need_dx, dx, dweigh
                 t_dy, t_dyx = grad_sums(dy[n, c], x[n, c], np.float64(mean[c]))
                 sums[0, c - c0] += t_dy
                 sums[1, c - c0] += t_dyx
-        for c in range(c0, c1):
-            dbias[c] = sums[0, c - c0]
-            dweight[c], coef[1, c], coef[2, c], coef[3, c] = coefficients(
-                sums[0, c - c0], sums[1, c - c0], n_batch * length, mean[c], rstd[c], weight[c])
-            coef[0, c] = mean[c]
+        finish_block(sums, c0, c1, n_batch * length, mean, rstd, weight, dweight, dbias, coef)
         if need_dx:
             for n in range(n_batch):  # the block's slices again, from the cache
                 for c in range(c0, c1):
